@@ -1,0 +1,186 @@
+"""Grouped-query attention with TransformerLens hook points and two backends.
+
+Backends:
+    * SDPA (``torch.nn.functional.scaled_dot_product_attention``) whenever nothing needs
+      the attention scores or pattern: no ``[q, k]`` score matrix is materialised.
+    * Explicit ``softmax(q k^T * scale + mask)`` whenever a hook is attached to
+      ``hook_attn_scores`` or ``hook_pattern`` (the HF eager computation, op for op).
+
+The choice is made per layer and per forward from the hooks attached at that moment.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from mechvlm.components.attention_mask import AttentionMask
+from mechvlm.components.rotary import apply_rotary
+from mechvlm.hook_points import HookPoint
+
+
+def _mask_shape_rule(n_heads: int):
+    def rule(act: torch.Size, out: torch.Size) -> bool:
+        return len(out) == 4 and out[0] == act[0] and out[1] in (1, n_heads) and out[2:] == act[2:]
+
+    return rule
+
+
+def repeat_kv(x: Float[Tensor, "batch kv pos d"], n_rep: int) -> Float[Tensor, "batch head pos d"]:
+    if n_rep == 1:
+        return x
+    b, kv, p, d = x.shape
+    return x[:, :, None].expand(b, kv, n_rep, p, d).reshape(b, kv * n_rep, p, d)
+
+
+class Attention(nn.Module):
+    """Causal self-attention of one layer.
+
+    Weights are ``nn.Linear`` in HF layout (q/k/v with bias for Qwen, o without);
+    TransformerLens views ``W_Q``, ``W_K``, ``W_V`` ``[head, d_model, d_head]``, ``W_O``
+    ``[head, d_head, d_model]`` and ``b_Q/b_K/b_V``, ``b_O`` are properties.
+
+    Hooks (``head`` = query heads, ``kv_head`` = key/value heads under GQA):
+        hook_q: ``[batch, pos, head, d_head]`` queries before RoPE (after q_norm if any).
+        hook_k, hook_v: ``[batch, pos, kv_head, d_head]`` before RoPE.
+        hook_rot_q, hook_rot_k: the same after RoPE.
+        hook_attn_mask: ``[batch, 1, q, k]`` bool, True = may attend. A hook may return
+            ``[batch, 1 | head, q, k]``. Computed only when hooked.
+        hook_attn_scores: ``[batch, head, q, k]`` ``q.k * scale`` with disallowed entries
+            set to ``finfo(dtype).min`` (as HF eager; not -inf, so no NaN on empty rows).
+        hook_pattern: ``[batch, head, q, k]`` softmax (fp32, cast back). Rows with no
+            allowed key (left-padding queries) are all zero, as SDPA returns them.
+        hook_z: ``[batch, pos, head, d_head]`` the pattern-weighted values.
+        hook_result: ``[batch, pos, head, d_model]`` per-head output; exists only when
+            ``cfg.use_attn_result`` (see ``HookedVLM.set_use_attn_result``).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, d_head: int, scale: float,
+                 window: int | None = None, qkv_bias: bool = True, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.scale = scale
+        self.window = window
+        self.q_proj = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_mask = HookPoint(shape_rule=_mask_shape_rule(n_heads))
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result: HookPoint | None = None
+
+    def needs_pattern(self) -> bool:
+        return self.hook_attn_scores.is_observed() or self.hook_pattern.is_observed()
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        rope: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        b, p, _ = x.shape
+        q = self.q_proj(x).view(b, p, self.n_heads, self.d_head)
+        k = self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)
+        v = self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        cos, sin = rope
+        q = self.hook_rot_q(apply_rotary(q, cos, sin))
+        k = self.hook_rot_k(apply_rotary(k, cos, sin))
+
+        allowed = None
+        if self.hook_attn_mask.is_observed():
+            allowed = self.hook_attn_mask(mask.dense(self.window))
+        if self.needs_pattern():
+            if allowed is None:
+                allowed = mask.dense(self.window)
+            may_have_empty_rows = mask.key_padding is not None or self.hook_attn_mask.is_observed()
+            z = self._explicit(q, k, v, allowed, may_have_empty_rows)
+        else:
+            z = self._sdpa(q, k, v, allowed if allowed is not None else mask.sdpa_mask(self.window))
+        z = self.hook_z(z)
+        if self.hook_result is not None and self.hook_result.is_observed():
+            result = self.hook_result(einops.einsum(
+                z, self.W_O, "b p head d_head, head d_head d_model -> b p head d_model"))
+            return result.sum(dim=2)
+        return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
+
+    def _sdpa(self, q, k, v, allowed: Bool[Tensor, "batch h q k"] | None) -> Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return out.transpose(1, 2)
+
+    def _explicit(self, q, k, v, allowed: Bool[Tensor, "batch h q k"], zero_empty_rows: bool) -> Tensor:
+        rep = self.n_heads // self.n_kv_heads
+        q = q.transpose(1, 2)
+        k = repeat_kv(k.transpose(1, 2), rep)
+        v = repeat_kv(v.transpose(1, 2), rep)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = self.hook_attn_scores(scores)
+        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if zero_empty_rows:  # a query with no allowed key gets 0, as SDPA returns it
+            pattern = pattern * allowed.any(dim=-1, keepdim=True)
+        pattern = self.hook_pattern(pattern)
+        return torch.matmul(pattern, v).transpose(1, 2)
+
+    # TransformerLens weight views -------------------------------------------------------
+    def _heads_in(self, lin: nn.Linear, n: int) -> Tensor:
+        return einops.rearrange(lin.weight, "(head d_head) d_model -> head d_model d_head", head=n)
+
+    def _bias(self, lin: nn.Linear, n: int) -> Tensor:
+        if lin.bias is None:
+            return lin.weight.new_zeros(n, self.d_head)
+        return lin.bias.view(n, self.d_head)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._heads_in(self.q_proj, self.n_heads)
+
+    @property
+    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._heads_in(self.k_proj, self.n_kv_heads)
+
+    @property
+    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._heads_in(self.v_proj, self.n_kv_heads)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.o_proj.weight, "d_model (head d_head) -> head d_head d_model",
+                                head=self.n_heads)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return self._bias(self.q_proj, self.n_heads)
+
+    @property
+    def b_K(self) -> Float[Tensor, "kv_head d_head"]:
+        return self._bias(self.k_proj, self.n_kv_heads)
+
+    @property
+    def b_V(self) -> Float[Tensor, "kv_head d_head"]:
+        return self._bias(self.v_proj, self.n_kv_heads)
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        return self.o_proj.weight.new_zeros(self.o_proj.out_features)

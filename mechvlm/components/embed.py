@@ -1,0 +1,41 @@
+"""Token embedding and unembedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+class Embed(nn.Module):
+    """Token embedding ``W_E[input_ids] * scale`` (``scale`` is 1 for Qwen, sqrt(d_model)
+    cast to the weight dtype for Gemma3)."""
+
+    def __init__(self, d_vocab: int, d_model: int, scale: float | None = None):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.scale = scale
+
+    def forward(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        x = F.embedding(input_ids, self.W_E)
+        if self.scale is not None:
+            x = x * x.new_tensor(self.scale)
+        return x
+
+
+class Unembed(nn.Module):
+    """``logits = x @ W_U``; the weight is stored ``[d_vocab, d_model]`` like HF's lm_head
+    (and is the same Parameter as ``Embed.W_E`` when the model ties them)."""
+
+    def __init__(self, d_model: int, d_vocab: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.weight)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.weight.T
+

@@ -1,0 +1,102 @@
+"""Hook points whose edits are checked.
+
+`HookPoint` is TransformerLens' `HookPoint` (same hook signature ``fn(tensor, *, hook)``,
+same contexts and handles). The only addition: a forward hook that returns a tensor is
+checked against the activation it replaces. A wrong shape, dtype or device raises
+`HookEditError` naming the hook point, instead of surfacing as an obscure failure several
+layers later (or worse, broadcasting silently).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from transformer_lens.hook_points import HookPoint as _TLHookPoint
+
+
+class HookEditError(ValueError):
+    """A hook function returned something that cannot replace the activation."""
+
+
+class UnknownHookError(ValueError):
+    """A hook name (or name filter) that matches no hook point of the model."""
+
+
+ShapeRule = Callable[[torch.Size, torch.Size], bool]
+
+
+class _CheckedHook:
+    """Wraps a user hook; validates what it returns against the activation it saw."""
+
+    def __init__(self, fn: Callable, point: "HookPoint"):
+        self.fn = fn
+        self.point = point
+
+    def __call__(self, tensor: torch.Tensor, *, hook: Any) -> Any:
+        out = self.fn(tensor, hook=hook)
+        if out is not None:
+            self.point.check_edit(out, tensor, self.fn)
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+class HookPoint(_TLHookPoint):
+    """A TransformerLens `HookPoint` that validates returned edits.
+
+    Args:
+        shape_rule: optional ``rule(activation_shape, returned_shape) -> bool`` for hook
+            points that accept a broadcastable replacement (the attention mask accepts
+            ``[b, 1, q, k]`` or ``[b, n_heads, q, k]``). By default the shape must match.
+    """
+
+    def __init__(self, shape_rule: ShapeRule | None = None):
+        super().__init__()
+        self.shape_rule = shape_rule
+
+    def add_hook(self, hook, dir="fwd", is_permanent=False, level=None, prepend=False, alias_names=None):
+        if dir == "fwd" and not isinstance(hook, _CheckedHook):
+            hook = _CheckedHook(hook, self)
+        return super().add_hook(
+            hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, alias_names=alias_names
+        )
+
+    def check_edit(self, out: Any, act: torch.Tensor, fn: Callable) -> None:
+        where = f"hook {fn!r} at '{self.name}'"
+        if not isinstance(out, torch.Tensor):
+            raise HookEditError(f"{where} returned {type(out).__name__}; return a tensor or None")
+        same = out.shape == act.shape
+        if not same and not (self.shape_rule is not None and self.shape_rule(act.shape, out.shape)):
+            raise HookEditError(
+                f"{where} returned shape {tuple(out.shape)}, but the activation has shape "
+                f"{tuple(act.shape)}"
+            )
+        if out.dtype != act.dtype:
+            raise HookEditError(f"{where} returned dtype {out.dtype}, but the activation is {act.dtype}")
+        if out.device != act.device:
+            raise HookEditError(
+                f"{where} returned a tensor on {out.device}, but the activation is on {act.device}"
+            )
+
+    def has_fwd_hooks(self) -> bool:
+        return bool(self.fwd_hooks)
+
+    def is_observed(self) -> bool:
+        """True when any hook (forward or backward) is attached: its value must be computed."""
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
+
+def unknown_hook_error(name: str, known: Iterable[str]) -> UnknownHookError:
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    extra = ""
+    if name.endswith("hook_result"):
+        extra = " (hook_result is opt-in: call model.set_use_attn_result(True) first)"
+    return UnknownHookError(
+        f"unknown hook name {name!r}{hint}{extra}. model.hook_dict lists all {len(known)} hook points."
+    )

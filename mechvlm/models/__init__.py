@@ -1,0 +1,6 @@
+"""Model families: each maps one HF architecture onto mechvlm's shared components."""
+
+from mechvlm.models.base import ModelFamily, family_for
+from mechvlm.models.qwen2_5_vl import QWEN2_5_VL
+
+__all__ = ["ModelFamily", "QWEN2_5_VL", "family_for"]

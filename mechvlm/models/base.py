@@ -1,0 +1,148 @@
+"""What a model family supplies to `HookedVLM`, and the registry of families.
+
+A family is configuration and conversion, not a second copy of the network: it maps the
+HF config onto `VLMConfig`, builds the shared components with its options, renames the HF
+language-model weights onto mechvlm's modules, wraps the HF vision tower, and turns the
+inputs into positions, image spans and (Gemma3) bidirectional blocks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from mechvlm.components import Attention, GatedMLP, RMSNorm, RotaryEmbedding, TransformerBlock
+from mechvlm.config import VLMConfig
+from mechvlm.image_layout import ImageSpan
+
+
+@dataclass
+class PreparedInputs:
+    """Validated inputs of one forward pass.
+
+    Attributes:
+        input_ids: ``[batch, pos]`` on the model's device.
+        key_padding: ``[batch, pos]`` True for real tokens; None when nothing is padded.
+        spans: the images, in feature order.
+        position_ids: ``[3, batch, pos]`` (mRoPE) or ``[batch, pos]``.
+        block_ids: ``[batch, pos]`` bidirectional block of each token (-1: none), or None.
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    key_padding: Bool[Tensor, "batch pos"] | None
+    spans: list[ImageSpan]
+    position_ids: Int[Tensor, "..."]
+    block_ids: Int[Tensor, "batch pos"] | None = None
+
+
+class ModelFamily(ABC):
+    """One HF architecture mapped onto mechvlm's components."""
+
+    model_type: str
+    hf_class_name: str
+
+    # --- configuration and construction -----------------------------------------------
+    @abstractmethod
+    def config_from_hf(self, hf_config, *, dtype: torch.dtype, device: str) -> VLMConfig: ...
+
+    @abstractmethod
+    def build_block(self, cfg: VLMConfig, layer: int) -> TransformerBlock: ...
+
+    def build_final_norm(self, cfg: VLMConfig) -> RMSNorm:
+        return RMSNorm(cfg.d_model, cfg.eps)
+
+    def embed_scale(self, cfg: VLMConfig) -> float | None:
+        return None
+
+    @abstractmethod
+    def rotary(self, cfg: VLMConfig) -> dict[str, RotaryEmbedding]:
+        """One rotary table builder per layer type."""
+
+    # --- weights ---------------------------------------------------------------------
+    @abstractmethod
+    def state_dict_from_hf(self, hf_model: nn.Module) -> dict[str, Tensor]:
+        """The language-model weights under mechvlm names (tensors not copied)."""
+
+    @abstractmethod
+    def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
+        """A module ``(pixel_values, image_grid_thw) -> [n_image_tokens, d_model]``
+        around the HF vision tower (and projector / merger)."""
+
+    @staticmethod
+    def ties_embeddings(hf_model: nn.Module) -> bool:
+        out = hf_model.get_output_embeddings().weight
+        inp = hf_model.get_input_embeddings().weight
+        return out is inp or out.data_ptr() == inp.data_ptr()
+
+    # --- inputs ----------------------------------------------------------------------
+    @abstractmethod
+    def prepare_inputs(
+        self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
+        image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,
+    ) -> PreparedInputs: ...
+
+
+def build_standard_block(cfg: VLMConfig, layer: int, *, qkv_bias: bool, qk_norm: bool = False,
+                         sandwich: bool = False, offset_weight: bool = False) -> TransformerBlock:
+    """The shared block, configured per family."""
+    norm = lambda d: RMSNorm(d, cfg.eps, offset_weight=offset_weight)  # noqa: E731
+    attn = Attention(
+        cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.attn_scale,
+        window=cfg.window(layer), qkv_bias=qkv_bias,
+        q_norm=norm(cfg.d_head) if qk_norm else None, k_norm=norm(cfg.d_head) if qk_norm else None,
+    )
+    return TransformerBlock(
+        attn, GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn), norm(cfg.d_model), norm(cfg.d_model),
+        ln1_post=norm(cfg.d_model) if sandwich else None, ln2_post=norm(cfg.d_model) if sandwich else None,
+    )
+
+
+def padding_from_attention_mask(attention_mask: Tensor | None, input_ids: Tensor,
+                                device: torch.device) -> Bool[Tensor, "batch pos"] | None:
+    """Validate a ``[batch, pos]`` 0/1 mask; None when every token is real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+        )
+    key_padding = attention_mask.to(device).bool()
+    if bool(key_padding.all()):
+        return None
+    if not bool(key_padding.any(dim=-1).all()):
+        raise ValueError("attention_mask has a row with no real token")
+    return key_padding
+
+
+def check_input_ids(input_ids: Tensor) -> None:
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    _FAMILIES[family.model_type] = family
+    return family
+
+
+def family_for(hf_config) -> ModelFamily:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise NotImplementedError(
+            f"mechvlm has no hooked backbone for model_type {model_type!r}; "
+            f"supported: {sorted(_FAMILIES)}"
+        )
+    return _FAMILIES[model_type]
+
+
+ImageFeatures = Float[Tensor, "n_image_tokens d_model"]

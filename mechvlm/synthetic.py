@@ -1,0 +1,90 @@
+"""Synthetic HF configs and prompts: tiny random models for tests, mid-size for benchmarks.
+
+Nothing here reaches a hub. The token-id layout mirrors the real checkpoints (an image is
+``<vision_start> <image_pad> x N <vision_end>``), with small ids that fit a small vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Token ids of the synthetic Qwen2.5-VL vocab (the real ones are 151652..151656).
+QWEN_IDS = dict(bos=1, eos=2, pad=0, vision_start=250, vision_end=251, image=252, video=253)
+
+
+def qwen2_5_vl_config(*, vocab: int = 256, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                      n_kv_heads: int = 2, d_mlp: int = 128, mrope_section=(2, 3, 3),
+                      vision_depth: int = 2, vision_hidden: int = 32, tie: bool = False, **text_overrides):
+    """A Qwen2.5-VL config with the real architecture and tiny sizes.
+
+    ``mrope_section`` must sum to ``d_model / n_heads / 2``. Extra keyword arguments
+    override text-config fields (``sliding_window``, ``layer_types``, ...).
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    ids = QWEN_IDS
+    text = dict(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section)},
+    )
+    text.update(text_overrides)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=2, out_hidden_size=d_model, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1])
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["image"], video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=tie,
+    )
+
+
+def qwen2_5_vl_3b_text_config(n_layers: int = 4, **kw):
+    """Qwen2.5-VL-3B's language dimensions (d_model 2048, 16 heads / 2 KV, d_mlp 11008,
+    vocab 151936, tied) with few layers and a small vision tower, for benchmarks."""
+    return qwen2_5_vl_config(vocab=151936, d_model=2048, n_layers=n_layers, n_heads=16, n_kv_heads=2,
+                             d_mlp=11008, mrope_section=(16, 24, 24), vision_hidden=128, tie=True, **kw)
+
+
+def qwen_prompt(segments: list, *, ids=QWEN_IDS, vocab: int = 256, generator: torch.Generator | None = None):
+    """Token ids for a prompt given as a list of segments.
+
+    Each segment is an int ``n`` (n random text tokens, avoiding special ids) or a tuple
+    ``(t, h, w)``: an image with that *patch* grid (``h``, ``w`` even), written as
+    ``<vision_start> <image_pad> x t*h*w/4 <vision_end>``.
+
+    Returns ``(input_ids [1, pos], image_grid_thw [n_images, 3] or None)``.
+    """
+    toks: list[int] = []
+    grids = []
+    special = set(ids.values())
+    for seg in segments:
+        if isinstance(seg, int):
+            pool = torch.tensor([i for i in range(3, min(vocab, 250)) if i not in special])
+            toks += pool[torch.randint(len(pool), (seg,), generator=generator)].tolist()
+        else:
+            t, h, w = seg
+            toks += [ids["vision_start"]] + [ids["image"]] * (t * h * w // 4) + [ids["vision_end"]]
+            grids.append(list(seg))
+    grid = torch.tensor(grids, dtype=torch.long) if grids else None
+    return torch.tensor([toks], dtype=torch.long), grid
+
+
+def qwen_pixel_values(image_grid_thw: torch.Tensor, *, patch: int = 14, temporal: int = 2,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random pixel values in the Qwen2.5-VL patch layout: ``[sum t*h*w, 3*temporal*patch*patch]``."""
+    n = int(image_grid_thw.prod(-1).sum())
+    return torch.randn(n, 3 * temporal * patch * patch, generator=generator)
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D token rows into ``(input_ids, attention_mask)``."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    return ids, mask
