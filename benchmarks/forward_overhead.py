@@ -1,0 +1,422 @@
+"""Forward-pass overhead of mechvlm's hooked backbone against the Hugging Face model.
+
+Setup: Qwen2.5-VL-3B text dimensions (d_model 2048, 16 heads / 2 KV heads, d_mlp 11008,
+vocab 151936, tied embeddings) with few layers (4 by default) and the small synthetic
+vision tower of `mechvlm.synthetic`, random weights drawn explicitly (seeded normal,
+std 0.02; norm weights 1), one prompt of one image (patch grid 1x34x36 -> 306 merged
+tokens) plus ~50 text tokens (358 tokens in all).
+
+Contenders, each a full forward (vision tower + language model + logits):
+
+    mechvlm                  HookedVLM(input_ids, pixel_values, image_grid_thw)
+    HF sdpa                  Qwen2_5_VLForConditionalGeneration(..., mm_token_type_ids,
+                             use_cache=False), attn_implementation="sdpa"
+    mechvlm pattern hooks    run_with_hooks with a no-op hook on every
+                             blocks.{l}.attn.hook_pattern (forces the explicit softmax path)
+    HF eager + attentions    the same HF weights with text attention "eager",
+                             output_attentions=True
+    mechvlm cache patterns   run_with_cache(names_filter=lambda n: n.endswith("hook_pattern"))
+    vision tower             model.vision(pixel_values, image_grid_thw) alone (the same HF
+                             module runs inside every contender: subtract it to compare the
+                             language models)
+
+HF gets ``mm_token_type_ids`` so that it builds the same 3-D mRoPE positions as mechvlm (the
+logits are checked to agree before timing) and ``use_cache=False`` (mechvlm has no KV cache).
+HF sdpa and HF eager share the same parameter tensors (a deep copy of the module tree with
+the parameters memoised), so only two copies of the weights are held (about 5 GB at fp32).
+
+Method: one process, warmup, then ``--reps`` rounds; in each round every contender is timed
+once (interleaved, with the order rotated each round so no contender always runs first).
+Reported: median, min and max ms per call; ratio = median(mechvlm) / median(HF) and the
+median of the per-round ratios (more robust when the CPU is shared: both calls of a pair
+see the same load). Everything runs under ``torch.inference_mode()`` with a fixed number of
+threads (``--threads``, default: the cores this process may use).
+
+Usage::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/forward_overhead.py           # ~2-3 min on 2 cores
+    .venv/bin/python benchmarks/forward_overhead.py --layers 2 --reps 3         # quick check
+    .venv/bin/python benchmarks/forward_overhead.py --device cuda --dtype bfloat16
+    .venv/bin/python benchmarks/forward_overhead.py --profile                   # op-level diff
+
+Target: unhooked mechvlm <= 1.03x HF sdpa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TARGET_UNHOOKED_RATIO = 1.03
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- setup --
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--reps", type=int, default=6, help="timed rounds (default 6)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--image-grid", default="1,34,36",
+                   help="image patch grid t,h,w; h and w even (default 1,34,36 -> 306 LM tokens)")
+    p.add_argument("--text-tokens", type=int, default=48,
+                   help="random text tokens around the image (default 48; +2 vision start/end)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the cores available to this process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="",
+                   help="comma-separated contender keys not to time (e.g. mech_cache,hf_eager)")
+    p.add_argument("--json", default=str(REPO / "benchmarks" / "forward_overhead.json"),
+                   help="where to write the results (default benchmarks/forward_overhead.json; '' for none)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile mechvlm vs HF sdpa with torch.profiler and print "
+                        "the ops whose total time differs most")
+    return p.parse_args(argv)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "cores_available": available_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+        info["transformer_lens"] = version("transformer-lens")
+    with contextlib.suppress(Exception):
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "mechvlm"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["mechvlm_git"] = rev + ("+dirty" if dirty else "")
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def init_weights_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded, explicit init: every weight / bias ~ N(0, 0.02); 1-D ``*.weight`` (norms) = 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters are listed once
+            if p.ndim == 1 and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def build_models(args, device: torch.device, dtype: torch.dtype):
+    """HF sdpa model, HF eager model sharing its parameters, and the HookedVLM copy."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mechvlm import synthetic
+    from mechvlm.hooked_vlm import HookedVLM
+
+    cfg = synthetic.qwen2_5_vl_3b_text_config(n_layers=args.layers)
+    cfg._attn_implementation = "sdpa"
+    try:  # skip HF's own (slow, discarded) init: we draw every weight below
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        hf = Qwen2_5_VLForConditionalGeneration(cfg)
+    hf.tie_weights()
+    init_weights_(hf, args.seed)
+    hf = hf.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if hf.config.tie_word_embeddings:
+        assert hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+
+    # Same weights, different attention: copy the module tree, share the parameter tensors.
+    memo = {id(t): t for t in list(hf.parameters()) + list(hf.buffers())}
+    hf_eager = copy.deepcopy(hf, memo)
+    hf_eager.set_attn_implementation({"text_config": "eager"})  # vision tower stays sdpa in both
+    assert hf_eager.config.text_config._attn_implementation == "eager"
+    assert hf.config.text_config._attn_implementation == "sdpa"
+
+    model = HookedVLM.from_hf(hf).eval()
+    return hf, hf_eager, model
+
+
+def build_inputs(args, device: torch.device):
+    from mechvlm import synthetic
+
+    t, h, w = (int(v) for v in args.image_grid.split(","))
+    before = min(16, args.text_tokens)  # a "system prompt" before the image, the question after
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids, grid = synthetic.qwen_prompt([before, (t, h, w), args.text_tokens - before], generator=g)
+    pixel_values = synthetic.qwen_pixel_values(grid, generator=torch.Generator().manual_seed(args.seed + 2))
+    mm_token_type_ids = (ids == synthetic.QWEN_IDS["image"]).to(torch.int32)
+    return dict(input_ids=ids.to(device), pixel_values=pixel_values.to(device),
+                image_grid_thw=grid.to(device), mm_token_type_ids=mm_token_type_ids.to(device))
+
+
+# ------------------------------------------------------------------------ contenders --
+def _noop_hook(tensor, hook):
+    return None
+
+
+def make_contenders(hf, hf_eager, model, inp, n_layers: int) -> dict[str, tuple[str, callable]]:
+    ids, pv, grid, mm = inp["input_ids"], inp["pixel_values"], inp["image_grid_thw"], inp["mm_token_type_ids"]
+    pattern_hooks = [(f"blocks.{l}.attn.hook_pattern", _noop_hook) for l in range(n_layers)]
+
+    def hf_kwargs(**extra):
+        return dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=mm,
+                    use_cache=False, **extra)
+
+    return {
+        "mech": ("mechvlm, no hooks", lambda: model(ids, pv, grid)),
+        "hf_sdpa": ("HF sdpa", lambda: hf(**hf_kwargs()).logits),
+        "mech_pattern": ("mechvlm, no-op hook_pattern x all layers",
+                         lambda: model.run_with_hooks(ids, pv, grid, fwd_hooks=pattern_hooks)),
+        "hf_eager": ("HF eager, output_attentions=True",
+                     lambda: hf_eager(**hf_kwargs(output_attentions=True))),
+        "mech_cache": ("mechvlm, run_with_cache(hook_pattern)",
+                       lambda: model.run_with_cache(ids, pv, grid,
+                                                    names_filter=lambda n: n.endswith("hook_pattern"))),
+        "vision": ("vision tower alone (in every row)", lambda: model.vision(pv, grid)),
+    }
+
+
+# (mechvlm contender, HF contender, what is compared)
+PAIRS = [
+    ("mech", "hf_sdpa", "unhooked vs HF sdpa"),
+    ("mech_pattern", "hf_eager", "pattern hooks vs HF eager+attentions"),
+    ("mech_cache", "hf_eager", "run_with_cache(pattern) vs HF eager+attentions"),
+]
+
+
+def check_agreement(contenders, n_layers: int) -> dict:
+    """Max |diff| of the logits (and attention patterns) before timing anything."""
+    mech = contenders["mech"][1]()
+    ref = contenders["hf_sdpa"][1]()
+    out = {"logits_max_abs_diff_vs_hf_sdpa": float((mech.float() - ref.float()).abs().max()),
+           "logits_max_abs": float(ref.float().abs().max())}
+    del mech, ref
+    if "mech_cache" in contenders and "hf_eager" in contenders:
+        _, cache = contenders["mech_cache"][1]()
+        hf_out = contenders["hf_eager"][1]()
+        diffs = [float((cache["pattern", l].float() - hf_out.attentions[l].float()).abs().max())
+                 for l in range(n_layers)]
+        out["pattern_max_abs_diff_vs_hf_eager"] = max(diffs)
+        del cache, hf_out
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(contenders: dict, reps: int, warmup: int, device: torch.device,
+                     log=print) -> dict[str, list[float]]:
+    keys = list(contenders)
+    times = {k: [] for k in keys}
+    for r in range(-warmup, reps):
+        shift = r % len(keys)
+        order = keys[shift:] + keys[:shift]
+        t_round = time.perf_counter()
+        for k in order:
+            gc.collect()
+            sync(device)
+            t0 = time.perf_counter()
+            out = contenders[k][1]()
+            sync(device)
+            dt = time.perf_counter() - t0
+            del out
+            if r >= 0:
+                times[k].append(dt * 1e3)
+        label = "warmup" if r < 0 else f"round {r + 1}/{reps}"
+        log(f"  {label}: {time.perf_counter() - t_round:.1f}s", flush=True)
+    return times
+
+
+# ------------------------------------------------------------------------- reporting --
+def summarize(times: dict, contenders: dict) -> tuple[dict, dict]:
+    rows = {}
+    for k, ts in times.items():
+        rows[k] = {"label": contenders[k][0], "median_ms": statistics.median(ts), "min_ms": min(ts),
+                   "max_ms": max(ts), "samples_ms": [round(t, 3) for t in ts]}
+    vision = rows.get("vision", {}).get("median_ms")
+    pairs = {}
+    for a, b, what in PAIRS:
+        if a not in times or b not in times:
+            continue
+        ma, mb = rows[a]["median_ms"], rows[b]["median_ms"]
+        per_round = [x / y for x, y in zip(times[a], times[b])]
+        entry = {"what": what, "mechvlm": a, "hf": b, "ratio_of_medians": ma / mb,
+                 "median_of_paired_ratios": statistics.median(per_round),
+                 "paired_ratio_min": min(per_round), "paired_ratio_max": max(per_round)}
+        if vision is not None and mb > vision:
+            entry["lm_only_ratio_of_medians"] = (ma - vision) / (mb - vision)
+        pairs[f"{a}/{b}"] = entry
+    return rows, pairs
+
+
+def print_table(rows: dict, pairs: dict, info: dict, setup: dict) -> None:
+    print()
+    print(f"forward_overhead: {setup['layers']} layers, {setup['seq_len']} tokens "
+          f"({setup['image_tokens']} image), {setup['dtype']} on {setup['device']}, "
+          f"{info['torch_threads']} threads, {setup['reps']} rounds | torch {info['torch']}, "
+          f"transformers {info['transformers']} | {info['cpu_model']}")
+    w = max(len(r["label"]) for r in rows.values())
+    print(f"{'contender':<{w}}  {'median ms':>10}  {'min ms':>9}  {'max ms':>9}")
+    for r in rows.values():
+        print(f"{r['label']:<{w}}  {r['median_ms']:>10.1f}  {r['min_ms']:>9.1f}  {r['max_ms']:>9.1f}")
+    print()
+    print(f"{'ratio mechvlm / HF':<48}  {'of medians':>10}  {'paired (min-max)':>22}  {'LM only':>8}")
+    for p in pairs.values():
+        lm = p.get("lm_only_ratio_of_medians")
+        rng = f"{p['median_of_paired_ratios']:.3f} ({p['paired_ratio_min']:.3f}-{p['paired_ratio_max']:.3f})"
+        print(f"{p['what']:<48}  {p['ratio_of_medians']:>10.3f}  {rng:>22}  "
+              f"{(f'{lm:.3f}' if lm is not None else '-'):>8}")
+    un = pairs.get("mech/hf_sdpa")
+    if un is not None:
+        r = min(un["ratio_of_medians"], un["median_of_paired_ratios"])
+        verdict = "OK" if r <= TARGET_UNHOOKED_RATIO else "ABOVE TARGET"
+        print(f"\nunhooked target <= {TARGET_UNHOOKED_RATIO:.2f}x HF sdpa: {verdict} "
+              f"(ratio of medians {un['ratio_of_medians']:.3f}, paired {un['median_of_paired_ratios']:.3f})")
+    if info.get("loadavg_start") is not None:
+        print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f} "
+              f"(> {info['cores_available']} means the CPU was shared and the numbers are noisy)")
+
+
+def profile_pair(contenders: dict, device: torch.device, top: int = 25) -> dict:
+    """torch.profiler totals per (op, input shapes), mechvlm minus HF sdpa."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    totals = {}
+    for key in ("mech", "hf_sdpa"):
+        with profile(activities=acts, record_shapes=True) as prof:
+            out = contenders[key][1]()
+            sync(device)
+            del out
+        d = {}
+        for ev in prof.key_averages(group_by_input_shape=True):
+            t = ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total
+            d[(ev.key, str(ev.input_shapes)[:90])] = (t / 1e3, ev.count)
+        totals[key] = d
+    keys = set(totals["mech"]) | set(totals["hf_sdpa"])
+    diff = []
+    for k in keys:
+        (tm, cm), (th, ch) = totals["mech"].get(k, (0.0, 0)), totals["hf_sdpa"].get(k, (0.0, 0))
+        diff.append((tm - th, tm, cm, th, ch, k))
+    diff.sort(key=lambda d: -abs(d[0]))
+    sm = sum(v[0] for v in totals["mech"].values())
+    sh = sum(v[0] for v in totals["hf_sdpa"].values())
+    print(f"\nprofile (self {'device' if device.type == 'cuda' else 'CPU'} time, one call each): "
+          f"mechvlm {sm:.1f} ms, HF sdpa {sh:.1f} ms; largest differences:")
+    print(f"{'mech-HF ms':>10} {'mech ms':>9} {'#':>4} {'HF ms':>9} {'#':>4}  op / input shapes")
+    for dt, tm, cm, th, ch, (name, shapes) in diff[:top]:
+        print(f"{dt:>10.2f} {tm:>9.2f} {cm:>4} {th:>9.2f} {ch:>4}  {name} {shapes}")
+    return {"mech_self_ms": sm, "hf_sdpa_self_ms": sh,
+            "largest_differences": [{"op": k[0], "shapes": k[1], "mech_ms": tm, "mech_calls": cm,
+                                     "hf_ms": th, "hf_calls": ch} for _, tm, cm, th, ch, k in diff[:top]]}
+
+
+# ------------------------------------------------------------------------------ main --
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads or available_cores())
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    info = machine_info(device)
+    hf, hf_eager, model = build_models(args, device, dtype)
+    inp = build_inputs(args, device)
+    contenders = make_contenders(hf, hf_eager, model, inp, args.layers)
+    for k in filter(None, (s.strip() for s in args.skip.split(","))):
+        if k not in contenders:
+            raise SystemExit(f"--skip: unknown contender {k!r}; known: {', '.join(contenders)}")
+        if k in ("mech", "hf_sdpa"):
+            raise SystemExit("--skip: mech and hf_sdpa are always timed")
+        del contenders[k]
+    n_image = int((inp["input_ids"] == model.cfg.image_token_id).sum())
+    setup = {"layers": args.layers, "seq_len": int(inp["input_ids"].shape[1]), "image_tokens": n_image,
+             "image_grid": args.image_grid, "text_tokens": args.text_tokens, "dtype": str(dtype),
+             "device": str(device), "reps": args.reps, "warmup": args.warmup, "seed": args.seed,
+             "config": "synthetic.qwen2_5_vl_3b_text_config", "d_model": model.cfg.d_model,
+             "n_heads": model.cfg.n_heads, "n_kv_heads": model.cfg.n_kv_heads, "d_mlp": model.cfg.d_mlp,
+             "d_vocab": model.cfg.d_vocab}
+    print(f"built models and inputs in {time.perf_counter() - t0:.1f}s: {setup['seq_len']} tokens "
+          f"({n_image} image), {args.layers} layers, {dtype}, {device}, {torch.get_num_threads()} threads",
+          flush=True)
+
+    with torch.inference_mode():
+        agreement = check_agreement(contenders, args.layers)
+        print("agreement: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()), flush=True)
+        times = time_interleaved(contenders, args.reps, args.warmup, device)
+        prof = profile_pair(contenders, device) if args.profile else None
+
+    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    rows, pairs = summarize(times, contenders)
+    print_table(rows, pairs, info, setup)
+    result = {"benchmark": "forward_overhead", "machine": info, "setup": setup, "agreement": agreement,
+              "contenders": rows, "ratios": pairs, "target_unhooked_ratio": TARGET_UNHOOKED_RATIO,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    if prof is not None:
+        result["profile"] = prof
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    print(f"total {result['wall_s']:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
