@@ -31,6 +31,8 @@ class HookedVLM(HookedRootModule):
     Model-level hooks:
         hook_image_embeds: ``[n_image_tokens, d_model]`` the vision features after the
             merger/projector, all images of the batch concatenated in feature order.
+            The tower is frozen, so this tensor does not require grad; a hook that
+            wants gradients with respect to it calls ``t.requires_grad_(True)``.
         hook_embed: ``[batch, pos, d_model]`` the input sequence embedding with the image
             features scattered in (the input of block 0).
         ln_final.hook_scale / hook_normalized: the final norm.

@@ -213,3 +213,23 @@ def test_pattern_not_materialised_without_pattern_hooks(qwen_model, image_batch,
         assert calls == []
         qwen_model.run_with_cache(**image_batch, names_filter="blocks.2.attn.hook_pattern")
     assert calls == [1]
+
+
+def test_gradients_flow_through_hooks_not_into_vision(qwen_hf, image_batch):
+    model = HookedVLM.from_hf(qwen_hf)
+    grads = {}
+
+    def keep_grad(t, hook):
+        if t.requires_grad:
+            t.retain_grad()
+        else:  # the frozen vision tower's output is a leaf: ask for its gradient
+            t.requires_grad_(True)
+        grads[hook.name] = t
+
+    logits = model.run_with_hooks(**image_batch, fwd_hooks=[("blocks.1.attn.hook_pattern", keep_grad),
+                                                            ("hook_image_embeds", keep_grad)])
+    logits[0, -1].logsumexp(-1).backward()
+    assert grads["blocks.1.attn.hook_pattern"].grad.abs().sum() > 0
+    assert grads["hook_image_embeds"].grad.abs().sum() > 0
+    assert model.blocks[0].attn.q_proj.weight.grad is not None
+    assert all(p.grad is None for p in model.vision.parameters())
