@@ -18,8 +18,9 @@ What HF does and mechvlm matches (or deliberately does not):
       k > q - W``; then AND key padding. The window only bounds the past: an image query
       sees every future key of its own block even when the block is longer than ``W``.
     * Positions: HF's forward without ``position_ids`` uses ``arange`` including left
-      pads; ``generate`` counts real tokens. mechvlm counts real tokens (pads get 0), so
-      under left padding HF must be given the same ``position_ids`` to agree.
+      pads; ``generate`` counts real tokens. mechvlm counts real tokens (pads get 0). With
+      1-D RoPE a per-row shift cancels in ``q.k``, so the two agree up to rounding (about
+      1e-5 in fp32 on the test models); the parity tests give HF the real-token positions.
     * ``attn_logit_softcapping`` is never applied by HF; ``final_logit_softcapping`` is
       applied by ``Gemma3ForCausalLM`` only, not by ``Gemma3ForConditionalGeneration``
       (the class mechvlm mirrors), so neither is applied here.
