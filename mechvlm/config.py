@@ -27,9 +27,11 @@ class VLMConfig:
         eps: RMSNorm epsilon.
         act_fn: the HF activation name of the gated MLP (``"silu"``, ``"gelu_pytorch_tanh"``).
         attn_scale: the softmax scale applied to ``q @ k.T`` (``d_head ** -0.5`` for Qwen).
-        rope_theta: RoPE base.
+        rope_theta: RoPE base (Gemma3: of the full-attention layers).
         rope_type: HF rope type; ``"default"`` and ``"linear"`` are supported.
         rope_scaling_factor: the ``factor`` of linear RoPE scaling (1.0 when none).
+        rope_local_theta: Gemma3: the RoPE base of the sliding-attention layers (unscaled);
+            ``None`` when every layer type uses ``rope_theta``.
         mrope_section: for multimodal RoPE, how the ``d_head/2`` frequency slots are split
             over the (temporal, height, width) position rows, e.g. ``(16, 24, 24)``;
             ``None`` for 1-D RoPE.
@@ -64,6 +66,7 @@ class VLMConfig:
     rope_theta: float
     rope_type: str = "default"
     rope_scaling_factor: float = 1.0
+    rope_local_theta: float | None = None
     mrope_section: tuple[int, ...] | None = None
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None

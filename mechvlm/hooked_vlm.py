@@ -116,10 +116,12 @@ class HookedVLM(HookedRootModule):
 
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
-                       attention_mask: Tensor | None = None) -> PreparedInputs:
-        """Validate the inputs; find image spans, positions and padding."""
+                       attention_mask: Tensor | None = None,
+                       token_type_ids: Tensor | None = None) -> PreparedInputs:
+        """Validate the inputs; find image spans, positions, padding and (Gemma3) the
+        bidirectional image blocks."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
-                                          attention_mask, self.device)
+                                          attention_mask, self.device, token_type_ids=token_type_ids)
 
     def forward(
         self,
@@ -128,15 +130,22 @@ class HookedVLM(HookedRootModule):
         image_grid_thw: Int[Tensor, "n_images 3"] | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         *,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits"] | None = "logits",
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
         ``attention_mask`` (1 = real token) supports left padding; positions count real
-        tokens only. Image tokens need ``pixel_values`` and ``image_grid_thw``.
+        tokens only. Image tokens need ``pixel_values`` (and, for Qwen2.5-VL,
+        ``image_grid_thw``). ``token_type_ids`` (Gemma3 only, optional) is checked against
+        the image blocks mechvlm derives from ``input_ids``; a disagreement raises.
         """
-        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
-        x = self.embed(inputs.input_ids)
+        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                     token_type_ids)
+        ids = inputs.input_ids
+        if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
+            ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
+        x = self.embed(ids)
         if inputs.spans:
             if self.vision is None:
                 raise RuntimeError("this HookedVLM has no vision encoder")

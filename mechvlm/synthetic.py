@@ -88,3 +88,87 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
         ids[i, n - len(r):] = r
         mask[i, n - len(r):] = 1
     return ids, mask
+
+
+# --- Gemma3 ------------------------------------------------------------------------------
+# Token ids of the synthetic Gemma3 vocab (the real ones: pad 0, eos 1, bos 2, boi 255999,
+# eoi 256000, image soft token 262144). All lie inside the vocab, as in the real checkpoints.
+GEMMA3_IDS = dict(pad=0, eos=1, bos=2, boi=280, eoi=281, image=282)
+GEMMA3_REAL_IDS = dict(pad=0, eos=1, bos=2, boi=255999, eoi=256000, image=262144)
+
+
+def gemma3_config(*, vocab: int = 300, d_model: int = 64, n_layers: int = 6, n_heads: int = 4,
+                  n_kv_heads: int = 2, head_dim: int = 16, d_mlp: int = 128, sliding_window: int = 6,
+                  layer_types=None, mm_tokens: int = 4, image_size: int = 28, patch_size: int = 7,
+                  vision_depth: int = 2, vision_hidden: int = 32, rope_factor: float | None = 8.0,
+                  query_pre_attn_scalar: int = 16, ids=GEMMA3_IDS, **text_overrides):
+    """A Gemma3 (``Gemma3ForConditionalGeneration``) config with the real architecture and
+    tiny sizes.
+
+    Default layers: sliding, sliding, full, sliding, sliding, full. The full layers use
+    RoPE base 1e6 with linear scaling ``rope_factor`` (as the 4B+ checkpoints, factor 8),
+    sliding layers base 1e4. ``mm_tokens`` must be a square dividing the SigLIP patch grid
+    ``(image_size / patch_size)**2``. ``head_dim * n_heads`` need not equal ``d_model``.
+    """
+    from transformers import Gemma3Config
+
+    if layer_types is None:
+        layer_types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(n_layers)]
+    full = {"rope_type": "default", "rope_theta": 1e6}
+    if rope_factor is not None:
+        full = {"rope_type": "linear", "factor": float(rope_factor), "rope_theta": 1e6}
+    text = dict(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=sliding_window,
+        layer_types=list(layer_types), rms_norm_eps=1e-6, max_position_embeddings=4096,
+        pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": full},
+    )
+    text.update(text_overrides)
+    vision = dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_hidden_layers=vision_depth, num_attention_heads=2, image_size=image_size,
+                  patch_size=patch_size, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens,
+                        boi_token_index=ids["boi"], eoi_token_index=ids["eoi"],
+                        image_token_index=ids["image"], tie_word_embeddings=True)
+
+
+def gemma3_4b_text_config(n_layers: int = 6, **kw):
+    """Gemma3-4B's language dimensions (d_model 2560, 8 heads / 4 KV, head_dim 256, d_mlp
+    10240, vocab 262208, window 1024, 256 tokens per image of 896x896, real special ids)
+    with few layers and a small SigLIP tower, for benchmarks. 5 sliding : 1 full."""
+    kw.setdefault("layer_types", ["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                  for i in range(n_layers)])
+    return gemma3_config(vocab=262208, d_model=2560, n_layers=n_layers, n_heads=8, n_kv_heads=4,
+                         head_dim=256, d_mlp=10240, sliding_window=1024, mm_tokens=256,
+                         image_size=896, patch_size=14, vision_hidden=64,
+                         query_pre_attn_scalar=256, ids=GEMMA3_REAL_IDS, **kw)
+
+
+def gemma3_prompt(segments: list, *, ids=GEMMA3_IDS, mm_tokens: int = 4, vocab: int = 300,
+                  bos: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids ``[1, pos]`` for a prompt given as a list of segments.
+
+    Each segment is an int ``n`` (n random text tokens, avoiding special ids) or the string
+    ``"image"``: ``<boi> <image_soft_token> x mm_tokens <eoi>``. A BOS token is prepended
+    when ``bos``. The images' pixel values come from `gemma3_pixel_values`.
+    """
+    toks: list[int] = [ids["bos"]] if bos else []
+    special = set(ids.values())
+    pool = torch.tensor([i for i in range(3, min(vocab, 250)) if i not in special])
+    for seg in segments:
+        if isinstance(seg, int):
+            toks += pool[torch.randint(len(pool), (seg,), generator=generator)].tolist()
+        elif seg == "image":
+            toks += [ids["boi"]] + [ids["image"]] * mm_tokens + [ids["eoi"]]
+        else:
+            raise ValueError(f"a segment is an int or 'image', got {seg!r}")
+    return torch.tensor([toks], dtype=torch.long)
+
+
+def gemma3_pixel_values(n_images: int, *, image_size: int = 28,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random pixel values ``[n_images, 3, image_size, image_size]``."""
+    return torch.randn(n_images, 3, image_size, image_size, generator=generator)

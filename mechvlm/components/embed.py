@@ -9,8 +9,13 @@ from torch import Tensor, nn
 
 
 class Embed(nn.Module):
-    """Token embedding ``W_E[input_ids] * scale`` (``scale`` is 1 for Qwen, sqrt(d_model)
-    cast to the weight dtype for Gemma3)."""
+    """Token embedding ``W_E[input_ids] * scale``.
+
+    ``scale`` is None for Qwen (no multiply) and ``sqrt(d_model)`` for Gemma3. As HF's
+    ``Gemma3TextScaledWordEmbedding``, the scale is first an fp32 tensor and is then cast to
+    the weight dtype (so in bf16 ``sqrt(2560) = 50.596`` becomes 50.5), and the product is
+    taken in the weight dtype.
+    """
 
     def __init__(self, d_vocab: int, d_model: int, scale: float | None = None):
         super().__init__()
@@ -20,7 +25,7 @@ class Embed(nn.Module):
     def forward(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         x = F.embedding(input_ids, self.W_E)
         if self.scale is not None:
-            x = x * x.new_tensor(self.scale)
+            x = x * torch.tensor(self.scale, dtype=torch.float32, device=x.device).to(x.dtype)
         return x
 
 

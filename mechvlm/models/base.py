@@ -83,7 +83,13 @@ class ModelFamily(ABC):
     def prepare_inputs(
         self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
         image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,
-    ) -> PreparedInputs: ...
+        token_type_ids: Tensor | None = None,
+    ) -> PreparedInputs:
+        """Validate the inputs; find padding, image spans, positions and (Gemma3) blocks.
+
+        ``token_type_ids`` (Gemma3's processor output, 1 on image tokens) is optional and
+        only checked against what ``input_ids`` imply; families that do not use it raise.
+        """
 
 
 def build_standard_block(cfg: VLMConfig, layer: int, *, qkv_bias: bool, qk_norm: bool = False,

@@ -124,7 +124,10 @@ class Qwen2_5_VLFamily(ModelFamily):
             grids.append((t, h // m, w // m))
         return grids
 
-    def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device):
+    def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
+                       token_type_ids=None):
+        if token_type_ids is not None:
+            raise ValueError("token_type_ids is not used by Qwen2.5-VL (it is a Gemma3 input); drop it")
         check_input_ids(input_ids)
         input_ids = input_ids.to(device)
         if cfg.video_token_id is not None and bool((input_ids == cfg.video_token_id).any()):
