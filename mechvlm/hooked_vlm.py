@@ -19,7 +19,8 @@ from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
 from mechvlm.models import family_for
-from mechvlm.models.base import ModelFamily, PreparedInputs
+from mechvlm.models.base import ModelFamily, PreparedInputs, check_input_ids, padding_from_attention_mask
+from mechvlm.roles import TokenRoles, compute_roles
 
 
 class HookedVLM(HookedRootModule):
@@ -122,6 +123,17 @@ class HookedVLM(HookedRootModule):
         bidirectional image blocks."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
                                           attention_mask, self.device, token_type_ids=token_type_ids)
+
+    def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
+              attention_mask: Tensor | None = None, **_batch) -> TokenRoles:
+        """Token roles of a batch (image, eoi, image_start, prefix, text, bos, pad, last)
+        and the merged-grid cell of every image token. Takes the same keyword arguments as
+        ``forward`` (``model.roles(**batch)``); pixels are not needed."""
+        check_input_ids(input_ids)
+        ids = input_ids.to(self.device)
+        key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
+        return compute_roles(self.cfg, ids, spans, key_padding)
 
     def forward(
         self,

@@ -77,6 +77,7 @@ class Attention(nn.Module):
         self.hook_rot_q = HookPoint()
         self.hook_rot_k = HookPoint()
         self.hook_attn_mask = HookPoint(shape_rule=_mask_shape_rule(n_heads))
+        self.hook_attn_mask.n_heads = n_heads  # lets a mask edit target single heads
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()

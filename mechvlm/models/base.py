@@ -80,6 +80,11 @@ class ModelFamily(ABC):
 
     # --- inputs ----------------------------------------------------------------------
     @abstractmethod
+    def image_spans(self, cfg: VLMConfig, input_ids: Tensor, image_grid_thw: Tensor | None,
+                    key_padding: Tensor | None) -> list[ImageSpan]:
+        """The images' token spans from ``input_ids`` (and grids), without pixels."""
+
+    @abstractmethod
     def prepare_inputs(
         self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
         image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,

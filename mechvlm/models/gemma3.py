@@ -186,6 +186,18 @@ class Gemma3Family(ModelFamily):
         return PreparedInputs(input_ids, key_padding, spans, gemma3_position_ids(key_padding, input_ids.shape)
                               .to(device), block_ids if spans else None)
 
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding) -> list[ImageSpan]:
+        mm, tok = cfg.extra["mm_tokens_per_image"], cfg.image_token_id
+        block_ids = image_block_ids(input_ids == tok)
+        for row, start, stop in _runs(block_ids):
+            if (stop - start) % mm:
+                raise ValueError(
+                    f"the run of {stop - start} image tokens (id {tok}) at row {row}, positions "
+                    f"{start}..{stop - 1} is not a whole number of images of mm_tokens_per_image={mm} tokens")
+        side = math.isqrt(mm)
+        n_images = int((input_ids == tok).sum()) // mm
+        return find_image_spans(input_ids, tok, [(1, side, side)] * n_images, key_padding)
+
     def _spans(self, cfg, input_ids, is_image, block_ids, pixel_values, key_padding) -> list[ImageSpan]:
         mm, tok = cfg.extra["mm_tokens_per_image"], cfg.image_token_id
         n_tokens = int(is_image.sum())
@@ -198,18 +210,12 @@ class Gemma3Family(ModelFamily):
         size = cfg.extra["image_size"]
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must be [n_images, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
-        n_images = pixel_values.shape[0]
-        for row, start, stop in _runs(block_ids):
-            if (stop - start) % mm:
-                raise ValueError(
-                    f"the run of {stop - start} image tokens (id {tok}) at row {row}, positions "
-                    f"{start}..{stop - 1} is not a whole number of images of mm_tokens_per_image={mm} tokens")
-        if n_tokens != n_images * mm:
+        spans = self.image_spans(cfg, input_ids, None, key_padding)
+        if len(spans) != pixel_values.shape[0]:
             raise ValueError(
-                f"pixel_values holds {n_images} image(s) but input_ids hold {n_tokens} image tokens "
-                f"(id {tok}) = {n_tokens // mm} image(s) of {mm} tokens in {n_blocks} block(s)")
-        side = math.isqrt(mm)
-        return find_image_spans(input_ids, tok, [(1, side, side)] * n_images, key_padding)
+                f"pixel_values holds {pixel_values.shape[0]} image(s) but input_ids hold {n_tokens} image tokens "
+                f"(id {tok}) = {len(spans)} image(s) of {mm} tokens in {n_blocks} block(s)")
+        return spans
 
 
 def image_block_ids(is_image: Tensor) -> Int[Tensor, "batch pos"]:

@@ -124,6 +124,17 @@ class Qwen2_5_VLFamily(ModelFamily):
             grids.append((t, h // m, w // m))
         return grids
 
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding) -> list[ImageSpan]:
+        if image_grid_thw is None:
+            n_image_tokens = int((input_ids == cfg.image_token_id).sum())
+            if n_image_tokens:
+                raise ValueError(
+                    f"input_ids contain {n_image_tokens} image tokens (id {cfg.image_token_id}) but "
+                    "image_grid_thw is None: pass the image_grid_thw (and pixel_values) of the images"
+                )
+            return []
+        return find_image_spans(input_ids, cfg.image_token_id, self.merged_grids(cfg, image_grid_thw), key_padding)
+
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
                        token_type_ids=None):
         if token_type_ids is not None:
@@ -133,17 +144,9 @@ class Qwen2_5_VLFamily(ModelFamily):
         if cfg.video_token_id is not None and bool((input_ids == cfg.video_token_id).any()):
             raise NotImplementedError("input_ids contain video tokens; mechvlm supports images only")
         key_padding = padding_from_attention_mask(attention_mask, input_ids, device)
-        n_image_tokens = int((input_ids == cfg.image_token_id).sum())
-        spans: list[ImageSpan] = []
-        if image_grid_thw is None:
-            if n_image_tokens:
-                raise ValueError(
-                    f"input_ids contain {n_image_tokens} image tokens (id {cfg.image_token_id}) but "
-                    "image_grid_thw is None: pass the image_grid_thw (and pixel_values) of the images"
-                )
-            if pixel_values is not None:
-                raise ValueError("pixel_values given without image_grid_thw")
-        else:
+        if image_grid_thw is None and pixel_values is not None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        if image_grid_thw is not None:
             if pixel_values is None:
                 raise ValueError("image_grid_thw given without pixel_values")
             n_patches = int(image_grid_thw.prod(-1).sum())
@@ -152,8 +155,7 @@ class Qwen2_5_VLFamily(ModelFamily):
                     f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw "
                     f"describes {n_patches} patches"
                 )
-            grids = self.merged_grids(cfg, image_grid_thw)
-            spans = find_image_spans(input_ids, cfg.image_token_id, grids, key_padding)
+        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding)
         position_ids = mrope_position_ids(input_ids.shape, spans, key_padding).to(device)
         return PreparedInputs(input_ids, key_padding, spans, position_ids)
 

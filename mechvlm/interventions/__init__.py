@@ -1,0 +1,20 @@
+"""Interventions: functions that return forward hooks ``[(hook_name, fn), ...]``.
+
+They compose: concatenate their lists in one ``run_with_hooks`` (or ``run_with_cache``
+via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
+"""
+
+from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
+from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.registers import insert_registers, register_mask
+
+__all__ = [
+    "KNOCKOUT_MODES",
+    "ablate_heads",
+    "insert_registers",
+    "knockout",
+    "mean_head_outputs",
+    "patch_activations",
+    "register_mask",
+    "skip_sublayers",
+]
