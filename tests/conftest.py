@@ -90,8 +90,9 @@ def image_batch():
     return qwen_batch([[4, (1, 4, 6), 6]], seed=1)
 
 
-def hf_with_attention_edit(hf_model: nn.Module, layer: int, *, scores_fn=None, pattern_fn=None) -> nn.Module:
-    """A deepcopy of ``hf_model`` whose eager attention in text layer ``layer`` applies
+def hf_with_attention_edit(hf_model: nn.Module, layer, *, scores_fn=None, pattern_fn=None) -> nn.Module:
+    """A deepcopy of ``hf_model`` whose eager attention in text layer(s) ``layer`` (an int,
+    a list, or None for all) applies
     ``scores_fn`` to the masked pre-softmax scores and/or ``pattern_fn`` to the softmax
     output, ``[batch, head, q, k]``. Written against HF's own eager attention function,
     registered through HF's AttentionInterface (with its eager mask)."""
@@ -100,10 +101,12 @@ def hf_with_attention_edit(hf_model: nn.Module, layer: int, *, scores_fn=None, p
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as mq
 
     ref = copy.deepcopy(hf_model)
-    target = ref.model.language_model.layers[layer].self_attn
+    layers = ref.model.language_model.layers
+    chosen = range(len(layers)) if layer is None else ([layer] if isinstance(layer, int) else layer)
+    targets = [layers[l].self_attn for l in chosen]
 
     def edited_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if module is not target:
+        if not any(module is t for t in targets):
             return mq.eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         key = mq.repeat_kv(key, module.num_key_value_groups)
         value = mq.repeat_kv(value, module.num_key_value_groups)
