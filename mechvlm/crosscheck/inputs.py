@@ -1,0 +1,109 @@
+"""Loading the HF model and building the inputs of a cross-check."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+def load_hf_eager(name_or_path: str, *, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, **hf_kwargs) -> nn.Module:
+    """Load a hub id or a local HF directory in eager attention (``dtype=None``: the
+    checkpoint's)."""
+    import transformers
+
+    from mechvlm.models import family_for
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+    cls = getattr(transformers, family_for(config).hf_class_name)
+    model = cls.from_pretrained(name_or_path, dtype=dtype or "auto", attn_implementation="eager", **hf_kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def try_processor(name_or_path: str | None, **hf_kwargs):
+    """``AutoProcessor.from_pretrained`` or None when there is none (a tiny test dir)."""
+    if not isinstance(name_or_path, str):
+        return None
+    try:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(name_or_path, **hf_kwargs)
+    except Exception:  # noqa: BLE001 - no processor files, no tokenizer, ...
+        return None
+    return proc if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer") else None
+
+
+def synthetic_image(size: int = 448):
+    """A deterministic RGB test picture (colour gradients and a checkerboard)."""
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    checker = ((x // (size // 8) + y // (size // 8)) % 2).float()
+    rgb = torch.stack([x.float() / size, y.float() / size, 0.3 + 0.5 * checker], -1)
+    return Image.fromarray((rgb * 255).clamp(0, 255).to(torch.uint8).numpy(), "RGB")
+
+
+def processor_inputs(processor, image=None, prompt: str | None = None) -> dict:
+    """Chat-template inputs for one image and one prompt (the processor's own output,
+    including ``mm_token_type_ids`` / ``token_type_ids``)."""
+    from PIL import Image
+
+    if image is None:
+        image = synthetic_image()
+    elif not isinstance(image, Image.Image):
+        image = Image.open(image).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or DEFAULT_PROMPT}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[image], return_tensors="pt"))
+
+
+def synthetic_inputs(config, seed: int = 0) -> dict:
+    """A random prompt ``text, image, text`` with random pixels, in the token layout of
+    the model's family and with the special ids of its config (`mechvlm.synthetic`)."""
+    from mechvlm import synthetic as syn
+
+    g = torch.Generator().manual_seed(seed)
+    tc = config.get_text_config()
+    if config.model_type == "qwen2_5_vl":
+        ids = dict(bos=tc.bos_token_id, eos=tc.eos_token_id, pad=tc.pad_token_id,
+                   vision_start=config.vision_start_token_id, vision_end=config.vision_end_token_id,
+                   image=config.image_token_id, video=config.video_token_id)
+        ids = {k: v for k, v in ids.items() if v is not None}
+        m = config.vision_config.spatial_merge_size
+        if m != 2:
+            raise NotImplementedError(f"synthetic Qwen prompts assume spatial_merge_size 2, got {m}")
+        input_ids, grid = syn.qwen_prompt([5, (1, 4, 6), 8], ids=ids, vocab=tc.vocab_size, generator=g)
+        vc = config.vision_config
+        pixels = syn.qwen_pixel_values(grid, patch=vc.patch_size, temporal=vc.temporal_patch_size, generator=g)
+        return {"input_ids": input_ids, "pixel_values": pixels, "image_grid_thw": grid}
+    if config.model_type == "gemma3":
+        ids = dict(pad=tc.pad_token_id, eos=tc.eos_token_id, bos=tc.bos_token_id, boi=config.boi_token_id,
+                   eoi=config.eoi_token_id, image=config.image_token_id)
+        input_ids = syn.gemma3_prompt([4, "image", 8], ids=ids, mm_tokens=config.mm_tokens_per_image,
+                                      vocab=tc.vocab_size, generator=g)
+        pixels = syn.gemma3_pixel_values(1, image_size=config.vision_config.image_size, generator=g)
+        return {"input_ids": input_ids, "pixel_values": pixels}
+    raise NotImplementedError(f"the cross-check supports qwen2_5_vl and gemma3, not {config.model_type!r}")
+
+
+def build_inputs(config, source: str | None = None, *, image=None, prompt: str | None = None,
+                 seed: int = 0, **hf_kwargs) -> tuple[dict, str]:
+    """Inputs and how they were made: with the processor of ``source`` when it has one
+    (``image``: a path or PIL image, default a synthetic picture), otherwise a synthetic
+    prompt of the model's family (``image``/``prompt`` then cannot be used)."""
+    processor = try_processor(source, **hf_kwargs)
+    if processor is not None:
+        return processor_inputs(processor, image, prompt), "processor"
+    if image is not None or prompt is not None:
+        raise ValueError(f"{source!r} has no processor (AutoProcessor failed), so an --image/--prompt "
+                         "cannot be turned into inputs; leave both out for a synthetic prompt")
+    return synthetic_inputs(config, seed), "synthetic"
+
+
+def as_batch(inputs: dict) -> dict[str, Tensor]:
+    """Keep the tensors of a processor / user batch (drop ``None`` and non-tensors)."""
+    return {k: v for k, v in inputs.items() if isinstance(v, Tensor)}

@@ -1,0 +1,92 @@
+"""The mechvlm side: the same experiments through `HookedVLM` hooks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mechvlm.crosscheck.share import share_from_patterns
+from mechvlm.interventions import knockout
+
+
+@dataclass
+class MechRun:
+    logits: Tensor
+    embed: Tensor | None = None
+    resid_post: list[Tensor] = field(default_factory=list)
+    final_norm: Tensor | None = None
+    patterns: list[Tensor] = field(default_factory=list)
+    forward_s: float | None = None
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The batch keys `HookedVLM.forward` takes, on the model's device."""
+    keep = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask")
+    if model.cfg.model_type == "gemma3":
+        keep += ("token_type_ids",)
+    return {k: (v.to(model.device) if isinstance(v, Tensor) else v)
+            for k, v in batch.items() if k in keep and v is not None}
+
+
+@torch.no_grad()
+def time_forward(model, kw: dict, repeats: int = 5) -> float:
+    """Seconds of one plain forward (median of ``repeats`` after a warm-up run)."""
+    model(**kw)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**kw)
+        if kw["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def run_clean(model, batch: dict) -> MechRun:
+    """Logits from the default (SDPA) path, the residual stream from a cache of the same
+    run, the final norm applied to the last residual, and the patterns from a second run
+    that hooks ``hook_pattern`` (the explicit path)."""
+    kw = model_inputs(model, batch)
+    n = model.cfg.n_layers
+    names = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(n)]
+    forward_s = time_forward(model, kw)
+    logits, cache = model.run_with_cache(**kw, names_filter=names)
+    final = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
+    _, pcache = model.run_with_cache(**kw, names_filter=lambda name: name.endswith("attn.hook_pattern"))
+    return MechRun(logits=logits, embed=cache["hook_embed"],
+                   resid_post=[cache[f"blocks.{l}.hook_resid_post"] for l in range(n)], final_norm=final,
+                   patterns=[pcache[f"blocks.{l}.attn.hook_pattern"] for l in range(n)], forward_s=forward_s)
+
+
+@torch.no_grad()
+def run_knockout(model, batch: dict, key: str, mode: str) -> MechRun:
+    kw = model_inputs(model, batch)
+    hooks = knockout(model.roles(**kw), query="text", key=key, mode=mode)
+    return MechRun(logits=model.run_with_hooks(**kw, fwd_hooks=hooks))
+
+
+def attention_share(model, batch: dict, patterns: list[Tensor], keys=("image", "eoi")) -> tuple[dict, str]:
+    """mechvlm's text->key attention share ``{key: [layer, head]}`` and where it came
+    from: ``mechvlm.metrics.attention_share`` when the package has it, otherwise Eq. 1-2
+    computed here from the cached ``hook_pattern`` and `HookedVLM.roles`."""
+    try:
+        from mechvlm.metrics import attention_share as metric
+    except ImportError:
+        metric = None
+    kw = model_inputs(model, batch)
+    if metric is not None:
+        with torch.no_grad():
+            out = metric(model, kw, query="text", keys=tuple(keys))
+        return _as_layer_head(out, keys), "mechvlm.metrics.attention_share"
+    roles = model.roles(**kw)
+    return share_from_patterns(patterns, roles.text, {k: roles.mask(k) for k in keys}), \
+        "hook_pattern cache (mechvlm.metrics not available)"
+
+
+def _as_layer_head(out, keys) -> dict[str, Tensor]:
+    """Normalise the metric's return value to ``{key: [layer, head]}``."""
+    raise NotImplementedError("adapt to mechvlm.metrics.attention_share once it lands")
