@@ -1,8 +1,10 @@
-"""Command line: ``mechvlm demo`` and ``mechvlm hooks``.
+"""Command line: ``mechvlm demo``, ``mechvlm hooks`` and ``mechvlm crosscheck``.
 
 ``demo`` needs nothing but this package: it builds a small random Qwen2.5-VL, runs the
 same image prompt through Hugging Face and through mechvlm, and prints the parity and a
 knockout's effect. ``hooks`` lists the hook points of a checkpoint with their shapes.
+``crosscheck`` compares mechvlm with nnsight tracing the HF model (exit status 1 when a
+quantity is out of tolerance; needs ``pip install mechvlm[crosscheck]``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,41 @@ def _hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crosscheck(args: argparse.Namespace) -> int:
+    if not args.online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        print("mechvlm crosscheck needs nnsight: pip install 'mechvlm[crosscheck]'", file=sys.stderr)
+        return 2
+    import json
+
+    from mechvlm.crosscheck import crosscheck, perturb_layer
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    kw = dict(dtype=dtype, device=args.device, image=args.image, prompt=args.prompt, seed=args.seed,
+              knockouts=not args.no_knockouts, share=not args.no_share)
+    if args.perturb_layer is None:
+        report = crosscheck(args.model, **kw)
+    else:  # testing the checker: a hooked model that is wrong from one layer on
+        from mechvlm import HookedVLM
+        from mechvlm.crosscheck.inputs import build_inputs, load_hf_eager
+
+        hf = load_hf_eager(args.model, dtype=dtype, device=args.device)
+        hooked = HookedVLM.from_hf(hf)
+        perturb_layer(hooked, args.perturb_layer)
+        batch, _ = build_inputs(hf.config, args.model, image=args.image, prompt=args.prompt, seed=args.seed)
+        kw.pop("image"), kw.pop("prompt"), kw.pop("seed")
+        report = crosscheck(hf, batch, hooked=hooked, **kw)
+        report.model += f" (mechvlm layer {args.perturb_layer} perturbed on purpose)"
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0 if report.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechvlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument("--tokens", type=int, default=8)
     hooks.add_argument("--online", action="store_true", help="allow hub downloads")
     hooks.set_defaults(fn=_hooks)
+    cc = sub.add_parser("crosscheck", help="compare mechvlm with nnsight tracing the HF model (eager)")
+    cc.add_argument("--model", required=True, help="hub id or local HF directory")
+    cc.add_argument("--image", default=None, help="image file (needs the model's processor; default: synthetic)")
+    cc.add_argument("--prompt", default=None, help="text prompt (needs the model's processor)")
+    cc.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    cc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    cc.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt and pixels")
+    cc.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    cc.add_argument("--no-knockouts", action="store_true", help="skip the knockout comparisons")
+    cc.add_argument("--no-share", action="store_true", help="skip the attention-share comparison")
+    cc.add_argument("--online", action="store_true", help="allow hub downloads")
+    cc.add_argument("--perturb-layer", type=int, default=None, metavar="L",
+                    help="testing the checker: perturb one weight of mechvlm's layer L (must FAIL at L)")
+    cc.set_defaults(fn=_crosscheck)
     args = parser.parse_args(argv)
     return args.fn(args)
 

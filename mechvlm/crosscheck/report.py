@@ -30,6 +30,7 @@ class Row:
     scale: float
     bound: float
     passed: bool
+    noise: float = math.nan
     note: str = ""
 
 
@@ -76,12 +77,15 @@ class CrosscheckReport:
     effects: dict[str, float] = field(default_factory=dict)
 
     def add(self, quantity: str, layer: int | None, kind: str, ours: Tensor, ref: Tensor,
-            mask: Tensor | None = None, note: str = "") -> Row:
+            mask: Tensor | None = None, ref32: Tensor | None = None, note: str = "") -> Row:
+        """Compare ``ours`` (mechvlm) with ``ref`` (HF) over ``mask``; ``ref32``: the same
+        HF quantity computed in fp32, which sets the noise term of the bound."""
         max_abs, scale = diff(ours, ref, mask)
+        noise = diff(ref, ref32, mask)[0] if ref32 is not None else math.nan
         tol = self.tolerances[kind]
-        bound = tol.bound(scale)
-        row = Row(quantity, layer, kind, max_abs, max_abs / scale if scale > 0 else 0.0 if max_abs == 0 else math.inf,
-                  scale, bound, max_abs <= bound, note)
+        bound = tol.bound(scale, 0.0 if math.isnan(noise) else noise)
+        rel = max_abs / scale if scale > 0 else 0.0 if max_abs == 0 else math.inf
+        row = Row(quantity, layer, kind, max_abs, rel, scale, bound, max_abs <= bound, noise, note)
         self.rows.append(row)
         return row
 
@@ -117,15 +121,22 @@ class CrosscheckReport:
                 f"at {where}: {r.quantity} max|diff| {r.max_abs:.3e} > {r.bound:.3e}")
 
     def table(self) -> str:
-        head = f"{'quantity':46s} {'layer':>5s} {'max_abs':>10s} {'rel':>10s} {'bound':>10s}  ok"
+        noisy = any(not math.isnan(r.noise) for r in self.rows)
+        head = f"{'quantity':46s} {'layer':>5s} {'max_abs':>10s} {'rel':>10s}"
+        head += f" {'hf_noise':>10s}" if noisy else ""
+        head += f" {'bound':>10s}  ok"
         lines = [f"cross-check {self.model} ({self.dtype}): mechvlm vs nnsight(HF eager)", head, "-" * len(head)]
         for r in self.rows:
             layer = "-" if r.layer is None else str(r.layer)
-            lines.append(f"{r.quantity:46s} {layer:>5s} {r.max_abs:10.3e} {r.rel:10.3e} {r.bound:10.3e}  "
+            noise = f" {r.noise:10.3e}" if noisy else ""
+            lines.append(f"{r.quantity:46s} {layer:>5s} {r.max_abs:10.3e} {r.rel:10.3e}{noise} {r.bound:10.3e}  "
                          f"{'ok' if r.passed else 'FAIL'}{'  ' + r.note if r.note else ''}")
         if self.effects:
             lines.append("knockout effect on HF logits (max |knockout - clean|): " +
                          ", ".join(f"{k} {v:.3e}" for k, v in self.effects.items()))
+        if noisy:
+            lines.append("hf_noise: max |HF - HF in fp32| (HF's own rounding error; the bound is "
+                         "atol + rtol * max|HF| + noise_factor * hf_noise)")
         if self.share_source:
             lines.append(f"mechvlm attention share from: {self.share_source}")
         if self.timing:
@@ -138,16 +149,19 @@ class CrosscheckReport:
     def to_dict(self) -> dict:
         """``{"passed", "first_diverging_layer", "rows": [...], "by_quantity": {quantity:
         {layer: {"max_abs", "rel"}}}, "timing", ...}`` (plain Python values)."""
+        def clean(v):  # NaN (noise not measured) -> None, so the dict is valid JSON
+            return None if isinstance(v, float) and math.isnan(v) else v
+
         by_q: dict[str, dict] = {}
         for r in self.rows:
             by_q.setdefault(r.quantity, {})["all" if r.layer is None else r.layer] = {
-                "max_abs": r.max_abs, "rel": r.rel, "bound": r.bound, "passed": r.passed}
+                "max_abs": r.max_abs, "rel": r.rel, "noise": clean(r.noise), "bound": r.bound, "passed": r.passed}
         first = self.first_divergence
         return {
             "model": self.model, "dtype": self.dtype, "passed": self.passed,
             "first_diverging_layer": self.first_diverging_layer,
-            "first_divergence": None if first is None else asdict(first),
-            "rows": [asdict(r) for r in self.rows], "by_quantity": by_q,
+            "first_divergence": None if first is None else {k: clean(v) for k, v in asdict(first).items()},
+            "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows], "by_quantity": by_q,
             "tolerances": {k: asdict(v) for k, v in self.tolerances.items()},
             "timing": dict(self.timing), "share_source": self.share_source, "effects": dict(self.effects),
         }

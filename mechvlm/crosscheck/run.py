@@ -13,7 +13,7 @@ from mechvlm.crosscheck.hf_side import EagerTwin, eager_copy, hf_inputs
 from mechvlm.crosscheck.inputs import as_batch, build_inputs, load_hf_eager
 from mechvlm.crosscheck.report import CrosscheckReport
 from mechvlm.crosscheck.share import share_from_patterns
-from mechvlm.crosscheck.tolerances import Tol, tolerances_for
+from mechvlm.crosscheck.tolerances import LOW_PRECISION, Tol, tolerances_for
 
 KNOCKOUT_KEYS = ("image", "eoi")
 KNOCKOUT_MODES = ("post_softmax_zero", "pre_softmax_mask")
@@ -32,6 +32,7 @@ def crosscheck(
     knockouts: bool = True,
     share: bool = True,
     tolerances: dict[str, Tol] | None = None,
+    reference_fp32: bool | None = None,
     **hf_kwargs,
 ) -> CrosscheckReport:
     """Run the same experiments on mechvlm and on the untouched HF model (eager attention,
@@ -52,6 +53,9 @@ def crosscheck(
         knockouts: also compare text->image / text->EOI knockouts in both modes.
         share: also compare the text->{image, EOI} attention share per layer and head.
         tolerances: per-kind overrides of `tolerances_for(dtype)`.
+        reference_fp32: in bf16 / fp16, also trace an fp32 copy of the HF reference (same
+            rounded weights) to measure HF's own rounding error, which sets the bounds
+            (default True in low precision; False: fixed bounds, no extra copy).
         **hf_kwargs: passed to HF ``from_pretrained`` / ``AutoProcessor`` for a path.
 
     Compared (mechvlm vs HF, over real tokens): role masks; the embeddings and every
@@ -79,16 +83,24 @@ def crosscheck(
     else:
         made = "given"
     batch = as_batch(batch)
+    low = twin_hf.dtype in LOW_PRECISION
+    if reference_fp32 is None:
+        reference_fp32 = low
+    twin32 = None
+    if reference_fp32 and low:  # a copy before any nnsight wrapping (see hf_side)
+        twin32 = EagerTwin(eager_copy(twin_hf, dtype=torch.float32))
     twin = EagerTwin(twin_hf)
     dev = twin_hf.device
     kw = hf_inputs(config, batch, twin_hf.dtype, dev)
+    kw32 = hf_inputs(config, batch, torch.float32, dev) if twin32 else None
     roles = hf_roles(config, batch["input_ids"].to(dev), kw.get("attention_mask"))
     real = roles.real
 
     report = CrosscheckReport(model=f"{name} [{config.model_type}, {twin.n_layers} layers, {made} inputs, "
                                     f"{tuple(batch['input_ids'].shape)} tokens]",
                               dtype=str(twin_hf.dtype).replace("torch.", ""),
-                              tolerances=tolerances_for(twin_hf.dtype, tolerances))
+                              tolerances=tolerances_for(twin_hf.dtype, tolerances,
+                                                        measured_noise=twin32 is not None))
     t_runs = time.perf_counter()
 
     # token roles: mechvlm's own against the independent derivation from input_ids
@@ -98,32 +110,39 @@ def crosscheck(
 
     # clean run: residual stream, patterns, logits
     ref = twin.run_clean(kw)
+    r32 = twin32.run_clean(kw32) if twin32 else None
     ours = mech.run_clean(hooked, batch)
     pair = real[:, None, :, None] & real[:, None, None, :]
-    report.add("embed", 0, "activation", ours.embed, ref.embed, real, note="input of layer 0")
+    report.add("embed", 0, "activation", ours.embed, ref.embed, real, r32 and r32.embed, note="input of layer 0")
     for l in range(twin.n_layers):
-        report.add("pattern", l, "pattern", ours.patterns[l], ref.patterns[l], pair)
-        report.add("resid_post", l, "activation", ours.resid_post[l], ref.resid_post[l], real)
-    report.add("final_norm", None, "activation", ours.final_norm, ref.final_norm, real, note="HF hidden_states[-1]")
-    report.add("logits", None, "logits", ours.logits, ref.logits, real)
+        report.add("pattern", l, "pattern", ours.patterns[l], ref.patterns[l], pair, r32 and r32.patterns[l])
+        report.add("resid_post", l, "activation", ours.resid_post[l], ref.resid_post[l], real,
+                   r32 and r32.resid_post[l])
+    report.add("final_norm", None, "activation", ours.final_norm, ref.final_norm, real, r32 and r32.final_norm,
+               note="HF hidden_states[-1]")
+    report.add("logits", None, "logits", ours.logits, ref.logits, real, r32 and r32.logits)
 
     if knockouts:
         for mode in KNOCKOUT_MODES:
             for key in KNOCKOUT_KEYS:
                 cut = (roles.text[:, :, None] & roles.key(key)[:, None, :])[:, None]
                 ref_ko = twin.run_knockout(kw, cut, mode)
+                ko32 = twin32.run_knockout(kw32, cut, mode).logits if twin32 else None
                 ours_ko = mech.run_knockout(hooked, batch, key, mode)
                 label = f"knockout {mode} text->{key}"
-                report.add(f"{label} logits", None, "logits", ours_ko.logits, ref_ko.logits, real)
+                report.add(f"{label} logits", None, "logits", ours_ko.logits, ref_ko.logits, real, ko32)
                 report.effects[label] = float((ref_ko.logits - ref.logits).float().abs()[real].max()) \
                     if bool(real.any()) else 0.0
 
     if share:
-        ref_share = share_from_patterns(ref.patterns, roles.text, {k: roles.key(k) for k in KNOCKOUT_KEYS})
+        keys = {k: roles.key(k) for k in KNOCKOUT_KEYS}
+        ref_share = share_from_patterns(ref.patterns, roles.text, keys)
+        share32 = share_from_patterns(r32.patterns, roles.text, keys) if r32 else None
         our_share, report.share_source = mech.attention_share(hooked, batch, ours.patterns, KNOCKOUT_KEYS)
         for key in KNOCKOUT_KEYS:
             for l in range(twin.n_layers):
-                report.add(f"share/{key}", l, "share", our_share[key][l], ref_share[key][l])
+                report.add(f"share/{key}", l, "share", our_share[key][l], ref_share[key][l],
+                           ref32=share32 and share32[key][l])
 
     end = time.perf_counter()
     report.timing = {"crosscheck_s": end - t_start, "runs_s": end - t_runs, "setup_s": t_runs - t_start,
