@@ -206,5 +206,48 @@ def test_cli_crosscheck_on_local_directories(tmp_path, capsys):
     # a broken hooked model: non-zero exit status and the layer named
     assert main(["crosscheck", "--model", str(tmp_path / "qwen"), "--perturb-layer", "1", "--no-knockouts"]) == 1
     assert "first divergence at layer 1: pattern" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="has no processor"):
+    with pytest.raises(ValueError, match="has no usable processor"):
         main(["crosscheck", "--model", str(tmp_path / "qwen"), "--prompt", "What is this?"])
+
+
+def tiny_gemma3_processor(image_size: int = 28, mm_tokens: int = 4):
+    """A real Gemma3Processor (SigLIP image processor + a word-level tokenizer whose
+    special ids match `mechvlm.synthetic.GEMMA3_IDS`). The Qwen2.5-VL processor cannot be
+    built here: transformers 5.23 requires torchvision for its video processor."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    from mechvlm.synthetic import GEMMA3_IDS as ids
+
+    vocab = {"<pad>": ids["pad"], "<eos>": ids["eos"], "<bos>": ids["bos"], "<start_of_image>": ids["boi"],
+             "<end_of_image>": ids["eoi"], "<image_soft_token>": ids["image"]}
+    words = "[UNK] describe the image what is in this picture a red square".split()
+    vocab.update({w: 3 + i for i, w in enumerate(words)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+|[.?!,]"), behavior="removed")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>", extra_special_tokens={
+                                      "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"})
+    template = ("{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
+                           tokenizer=tok, chat_template=template, image_seq_length=mm_tokens)
+
+
+def test_cli_crosscheck_with_a_processor_image_and_prompt(tmp_path, capsys):
+    from mechvlm.crosscheck.inputs import synthetic_image
+
+    make_hf(seed=6, n_layers=2, layer_types=["sliding_attention", "full_attention"]).save_pretrained(tmp_path)
+    tiny_gemma3_processor().save_pretrained(tmp_path)
+    synthetic_image(64).save(tmp_path / "picture.png")
+    argv = ["crosscheck", "--model", str(tmp_path), "--image", str(tmp_path / "picture.png"),
+            "--prompt", "What is in this picture?", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "processor inputs, (1, 12) tokens" in out and "PASS" in out, out
+    # text after the image: "what is in this picture" (5 tokens), image share is a real number
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["by_quantity"]["share/image"]["0"]["passed"]

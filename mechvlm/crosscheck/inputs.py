@@ -25,19 +25,23 @@ def load_hf_eager(name_or_path: str, *, dtype: torch.dtype | None = None,
 
 
 def try_processor(name_or_path: str | None, **hf_kwargs):
-    """``AutoProcessor.from_pretrained`` or None when there is none (a tiny test dir)."""
+    """``(AutoProcessor.from_pretrained(...), "")``, or ``(None, why not)`` when there is
+    none (a tiny test dir without tokenizer files, or an environment that cannot build it:
+    in transformers 5.23 the Qwen2.5-VL processor needs torchvision for its video part)."""
     if not isinstance(name_or_path, str):
-        return None
+        return None, "the model was given in memory"
     try:
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(name_or_path, **hf_kwargs)
-    except Exception:  # noqa: BLE001 - no processor files, no tokenizer, ...
-        return None
-    return proc if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer") else None
+    except Exception as e:  # noqa: BLE001 - no processor files, no tokenizer, ...
+        return None, f"AutoProcessor failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if not (hasattr(proc, "image_processor") and hasattr(proc, "tokenizer")):
+        return None, f"AutoProcessor gave a {type(proc).__name__}, not a multimodal processor"
+    return proc, ""
 
 
-def synthetic_image(size: int = 448):
+def synthetic_image(size: int = 224):
     """A deterministic RGB test picture (colour gradients and a checkerboard)."""
     from PIL import Image
 
@@ -95,12 +99,12 @@ def build_inputs(config, source: str | None = None, *, image=None, prompt: str |
     """Inputs and how they were made: with the processor of ``source`` when it has one
     (``image``: a path or PIL image, default a synthetic picture), otherwise a synthetic
     prompt of the model's family (``image``/``prompt`` then cannot be used)."""
-    processor = try_processor(source, **hf_kwargs)
+    processor, why = try_processor(source, **hf_kwargs)
     if processor is not None:
         return processor_inputs(processor, image, prompt), "processor"
     if image is not None or prompt is not None:
-        raise ValueError(f"{source!r} has no processor (AutoProcessor failed), so an --image/--prompt "
-                         "cannot be turned into inputs; leave both out for a synthetic prompt")
+        raise ValueError(f"{source!r} has no usable processor ({why}), so an image/prompt cannot be "
+                         "turned into inputs; leave both out for a synthetic prompt, or pass a batch")
     return synthetic_inputs(config, seed), "synthetic"
 
 
