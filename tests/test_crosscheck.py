@@ -27,6 +27,16 @@ from mechvlm.crosscheck.hf_roles import hf_roles  # noqa: E402
 from mechvlm.crosscheck.hf_side import EagerTwin, eager_copy, hf_inputs  # noqa: E402
 from test_gemma3 import batch_from, make_hf  # noqa: E402
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared CPU 2 spinning OpenMP
+    threads make a cross-check up to 20x slower (measured); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 QWEN_ROWS = [[3, (1, 4, 6), 5], [2, (1, 4, 4), 7]]  # left-padded, two images
 GEMMA_ROWS = [[3, "image", 5], [2, "image", 1, "image", 3]]
 

@@ -19,7 +19,6 @@ class MechRun:
     resid_post: list[Tensor] = field(default_factory=list)
     final_norm: Tensor | None = None
     patterns: list[Tensor] = field(default_factory=list)
-    forward_s: float | None = None
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -53,13 +52,12 @@ def run_clean(model, batch: dict) -> MechRun:
     kw = model_inputs(model, batch)
     n = model.cfg.n_layers
     names = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(n)]
-    forward_s = time_forward(model, kw)
     logits, cache = model.run_with_cache(**kw, names_filter=names)
     final = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
     _, pcache = model.run_with_cache(**kw, names_filter=lambda name: name.endswith("attn.hook_pattern"))
     return MechRun(logits=logits, embed=cache["hook_embed"],
                    resid_post=[cache[f"blocks.{l}.hook_resid_post"] for l in range(n)], final_norm=final,
-                   patterns=[pcache[f"blocks.{l}.attn.hook_pattern"] for l in range(n)], forward_s=forward_s)
+                   patterns=[pcache[f"blocks.{l}.attn.hook_pattern"] for l in range(n)])
 
 
 @torch.no_grad()

@@ -61,8 +61,10 @@ class CrosscheckReport:
         model: a short description of the model; ``dtype``: the dtype both sides ran in.
         rows: every compared quantity (see `Row`), in the printed order.
         tolerances: the `Tol` of each quantity kind.
-        timing: ``crosscheck_s`` (the whole cross-check), ``mechvlm_forward_s`` (one plain
-            mechvlm forward on the same batch) and their ``ratio``.
+        timing: ``crosscheck_s`` (the whole cross-check: ``setup_s`` copying / wrapping /
+            building inputs, then ``runs_s``), ``mechvlm_forward_s`` (one plain mechvlm
+            forward on the same batch, median of 5 after a warm-up, timed afterwards) and
+            ``ratio`` = crosscheck_s / mechvlm_forward_s.
         share_source: where mechvlm's attention share came from.
         effects: max |knockout - clean| logits per knockout (HF side), so that a
             knockout that changes nothing is visible as such.
@@ -141,8 +143,8 @@ class CrosscheckReport:
             lines.append(f"mechvlm attention share from: {self.share_source}")
         if self.timing:
             t = self.timing
-            lines.append(f"time: cross-check {t['crosscheck_s']:.2f} s = {t['ratio']:.0f} x one mechvlm forward "
-                         f"({t['mechvlm_forward_s'] * 1e3:.1f} ms)")
+            lines.append(f"time: cross-check {t['crosscheck_s']:.2f} s (setup {t['setup_s']:.2f} s) = {t['ratio']:.0f} x "
+                         f"one mechvlm forward ({t['mechvlm_forward_s'] * 1e3:.1f} ms)")
         lines.append(self.summary())
         return "\n".join(lines)
 
