@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -68,17 +69,19 @@ def run_knockout(model, batch: dict, key: str, mode: str) -> MechRun:
 
 
 def attention_share(model, batch: dict, patterns: list[Tensor], keys=("image", "eoi")) -> tuple[dict, str]:
-    """mechvlm's text->key attention share ``{key: [layer, head]}`` and where it came
-    from: ``mechvlm.metrics.attention_share`` when the package has it, otherwise Eq. 1-2
-    computed here from the cached ``hook_pattern`` and `HookedVLM.roles`."""
+    """mechvlm's text->key attention share ``{key: [layer, head]}`` (mean over examples of
+    the per-example shares, NaN examples skipped) and where it came from:
+    ``mechvlm.metrics.attention_share`` (its ``mean_share``) when the package has it,
+    otherwise Eq. 1-2 computed here from the cached ``hook_pattern`` and `HookedVLM.roles`
+    (the same formula as the HF side, so then only patterns and roles are checked)."""
     try:
         from mechvlm.metrics import attention_share as metric
     except ImportError:
         metric = None
     kw = model_inputs(model, batch)
     if metric is not None:
-        with torch.no_grad():
-            out = metric(model, kw, query="text", keys=tuple(keys))
+        extra = {"progress": False} if "progress" in inspect.signature(metric).parameters else {}
+        out = metric(model, kw, query="text", keys=tuple(keys), **extra)
         return _as_layer_head(out, keys), "mechvlm.metrics.attention_share"
     roles = model.roles(**kw)
     return share_from_patterns(patterns, roles.text, {k: roles.mask(k) for k in keys}), \
@@ -86,5 +89,9 @@ def attention_share(model, batch: dict, patterns: list[Tensor], keys=("image", "
 
 
 def _as_layer_head(out, keys) -> dict[str, Tensor]:
-    """Normalise the metric's return value to ``{key: [layer, head]}``."""
-    raise NotImplementedError("adapt to mechvlm.metrics.attention_share once it lands")
+    """``AttentionShareResult.mean_share`` ``[layer, head, key]`` -> ``{key: [layer, head]}``."""
+    share = out.mean_share
+    names = list(getattr(out, "keys", keys))
+    if share.ndim != 3 or share.shape[-1] != len(keys):
+        raise ValueError(f"unexpected attention_share result: mean_share {tuple(share.shape)}, keys {names}")
+    return {k: share[..., names.index(k) if k in names else i].float() for i, k in enumerate(keys)}
