@@ -37,7 +37,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-QWEN_ROWS = [[3, (1, 4, 6), 5], [2, (1, 4, 4), 7]]  # left-padded, two images
+QWEN_ROWS = [[3, (1, 4, 6), 5], [2, (1, 4, 4), 7], [6]]  # left-padded; a text-only row (NaN shares)
 GEMMA_ROWS = [[3, "image", 5], [2, "image", 1, "image", 3]]
 
 
@@ -140,6 +140,11 @@ def test_crosscheck_passes_fp32_and_leaves_model_untouched(family, request, caps
               "knockout pre_softmax_mask text->eoi logits"):
         assert (q, None) in quantities
     assert len(report.effects) == 4 and min(report.effects.values()) > 1e-2  # the knockouts did something
+    try:  # mechvlm's side of the share is the metric when the package has it
+        import mechvlm.metrics  # noqa: F401
+        assert report.share_source == "mechvlm.metrics.attention_share"
+    except ImportError:
+        assert report.share_source.startswith("hook_pattern cache")
     logits = next(r for r in report.rows if r.quantity == "logits")
     assert logits.max_abs <= 1e-4
     d = report.to_dict()
