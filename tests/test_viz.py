@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import re
 
-import matplotlib
+import pytest
+
+pytest.importorskip("matplotlib", reason="mechvlm.viz needs the viz extra")
+pytest.importorskip("circuitsvis", reason="mechvlm.viz needs the viz extra")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import qwen_batch  # noqa: E402
 from viz_helpers import force_text_to_cell, image_with_square  # noqa: E402
