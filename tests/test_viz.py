@@ -195,7 +195,8 @@ def test_attention_on_image_qwen_peak_on_square(qwen_model):
     image, square = image_with_square(250, 170, (4, 6), cell)  # not the processor's size
     fig = viz.attention_on_image(cache, roles, [image], layer=1, cfg=qwen_model.cfg, cmap="viridis")
     ax = fig.axes[0]
-    assert ax.images[0].get_array().shape == (112, 168, 3)  # resized to h*28 x w*28
+    assert ax.images[0].get_array().shape == (224, 336, 3)  # resized to h*28 x w*28, shown 2x (min_side)
+    assert ax.images[0].get_extent() == ax.images[1].get_extent() == [0, 168, 112, 0]
     _check_peak_on_square(fig, ax, square, (112, 168))
     # the numpy composite: the heat's peak pixels are the cell holding the square
     heat = viz.heat_pixels(grid, (112, 168))
@@ -219,8 +220,9 @@ def test_attention_on_image_qwen_two_images(qwen_model):
     fig = viz.attention_on_image(cache, roles, {0: im0, 1: im1}, layer=2, cfg=qwen_model.cfg, cmap="viridis")
     panels = [ax for ax in fig.axes if len(ax.images) == 2]
     assert len(panels) == 2
-    assert panels[0].images[0].get_array().shape == (56, 56, 3)
-    assert panels[1].images[0].get_array().shape == (56, 112, 3)
+    assert panels[0].images[0].get_extent() == [0, 56, 56, 0]
+    assert panels[1].images[0].get_extent() == [0, 112, 56, 0]
+    assert panels[1].images[0].get_array().shape == (112, 224, 3)  # long side >= min_side 224
     _check_peak_on_square(fig, panels[1], square, (56, 112))
     assert len(_hot_pixels_in_data_coords(fig, panels[0], [0.997, 0.948, 0.529])) == 0
     with pytest.raises(ValueError, match="2 image"):
@@ -241,5 +243,6 @@ def test_attention_on_image_gemma3_square_grid():
     fig = viz.attention_on_image(cache, roles, [image, other], layer=2, cfg=model.cfg, cmap="viridis",
                                  size=5)
     ax = fig.axes[0]
-    assert ax.images[0].get_array().shape == (28, 28, 3)  # squashed to the processor's square
+    assert ax.images[0].get_extent() == [0, 28, 28, 0]  # squashed to the processor's square
+    assert ax.images[0].get_array().shape == (224, 224, 3)
     _check_peak_on_square(fig, ax, square, (28, 28))

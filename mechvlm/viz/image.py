@@ -187,7 +187,8 @@ def _is_values(src, roles: TokenRoles) -> bool:
 def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | None = None, heads=None,
                        queries="text", batch_index: int = 0, cfg=None, head_reduce: str = "mean",
                        cmap: str = "inferno", alpha: float = 0.55, share_scale: bool = True,
-                       show_grid: bool = False, size: float = 3.6, title: str | None = None):
+                       show_grid: bool = False, min_side: int = 224, size: float = 3.6,
+                       title: str | None = None):
     """Heatmap of the attention each image token receives, over the input image(s).
 
     ``source``: a cache + ``layer``, a pattern (``[batch, head, q, k]`` ...), or
@@ -197,9 +198,12 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     images of row ``batch_index`` (PIL, arrays or tensors), a list in sequence order or
     a dict ``image_index -> image``, or None (the heat alone, opaque). Each is resized to the
     processor's size (`model_pixel_size`, from ``cfg`` = ``model.cfg``; without it 28 px
-    per token). ``share_scale``: one colour scale for all images. Returns a Figure with
-    one panel per image.
+    per token); when that is small (tiny configs) it is upsampled by an integer factor to
+    at least ``min_side`` pixels on its long side, for display only (the data coordinates
+    stay the processor's pixels). ``share_scale``: one colour scale for all images.
+    Returns a Figure with one panel per image.
     """
+    import matplotlib.cm
     import matplotlib.pyplot as plt
 
     src = torch.as_tensor(source) if isinstance(source, (np.ndarray, list)) else source
@@ -220,8 +224,9 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids) + 0.8, size), squeeze=False)
     for ax, (span, g), img in zip(axes[0], grids, imgs):
         H, W = model_pixel_size(span, cfg)
+        k = max(1, -(-min_side // max(H, W)))
         if img is not None:
-            ax.imshow(resize_to_grid(img, (H, W)), extent=(0, W, H, 0), interpolation="bilinear")
+            ax.imshow(resize_to_grid(img, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
         else:
             ax.imshow(np.zeros((H, W, 3), np.uint8), extent=(0, W, H, 0))
         vmax = (vmax_all if share_scale else float(g.max())) or 1.0
@@ -239,7 +244,8 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"image {span.image}: {span.grid[1]}\u00d7{span.grid[2]} tokens", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
+        fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
     lay = f"Layer {layer}: " if layer is not None else ""
     fig.suptitle(title if title is not None else f"{lay}{what}", fontsize=10)
     return fig
