@@ -185,3 +185,34 @@ def test_probe_detects_a_blank_page(page_parts, tmp_path):
     assert out["bundles"] == 0
     assert [len(w["canvases"]) for w in out["widgets"]] == [0, 0]
     assert all("\u2039" not in w["text"] for w in out["widgets"])
+
+
+def test_notebook_style_insertion_renders(page_parts, tmp_path):
+    """``_repr_html_`` as JupyterLab shows it: assigned to ``innerHTML`` of an output area,
+    then every script re-created so that it runs (JupyterLab's evalInnerHTMLScriptTags).
+    Two outputs: a Page with two widgets (bundle once) and a lone widget (own bundle)."""
+    widgets, *_ = page_parts
+    page = viz.Page("cell 1")
+    for w in widgets:
+        page.add(w)
+    lone = viz.attention_pattern(widgets[0].props["attention"][0], labels=[
+        t.replace("\u2039", "<").replace("\u203a", ">") for t in widgets[0].props["tokens"]])
+    outputs = [page._repr_html_(), lone._repr_html_()]
+    assert outputs[0].count('data-mechvlm="circuitsvis-bundle"') == 1
+
+    def js_string(s: str) -> str:
+        return json.dumps(s).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+    inserter = "<script>\n" + "".join(
+        f"(function(){{var host=document.getElementById('out{i}');host.innerHTML={js_string(h)};"
+        "Array.from(host.getElementsByTagName('script')).forEach(function(s){"
+        "var c=document.createElement('script');c.textContent=s.textContent;"
+        "s.parentNode.replaceChild(c,s);});})();\n" for i, h in enumerate(outputs)) + "</script>"
+    doc = ('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+           f'<div id="out0"></div><div id="out1"></div>{inserter}{PROBE}</body></html>')
+    out = chromium_probe(doc, tmp_path, "notebook")
+    assert [w["component"] for w in out["widgets"]] == ["AttentionHeads", "AttentionHeads", "AttentionPattern"]
+    assert not any(w["nested"] for w in out["widgets"])
+    for w in out["widgets"]:
+        assert w["canvases"] and w["canvases"][-1]["colored"] > 1000, w["canvases"]
+    assert "\u2039image4\u00d76\u203a (5)" in out["widgets"][2]["drawn"]

@@ -27,7 +27,10 @@ __all__ = ["pattern_of", "token_groups", "collapse", "attention_heads", "attenti
 
 
 def pattern_of(source, layer: int | None = None, batch_index: int = 0) -> Tensor:
-    """The pattern ``[head, query, key]`` (float64, cpu) of one batch row."""
+    """The pattern ``[head, query, key]`` (float64, cpu) of one batch row. ``source``: a
+    tensor / array / nested list, or a cache (``ActivationCache`` or dict) with ``layer``."""
+    if isinstance(source, (list, tuple, np.ndarray)):
+        source = torch.as_tensor(np.asarray(source, dtype=np.float64))
     if not isinstance(source, Tensor):
         if layer is None:
             raise ValueError("reading a pattern from a cache needs layer=")
