@@ -32,8 +32,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from mechvlm import HookedVLM, viz  # noqa: E402
-from mechvlm.synthetic import (GEMMA3_IDS, QWEN_IDS, gemma3_config, gemma3_prompt, qwen2_5_vl_config,  # noqa: E402
-                               qwen_prompt)
+from mechvlm.synthetic import gemma3_config, gemma3_prompt, qwen2_5_vl_config, qwen_prompt  # noqa: E402
 
 TABLE1 = {  # seed 000, Table 1: MMBench accuracy (std over items)
     "Gemma3 4B": {"none": (.356, .479), "text\u2192img": (.169, .375), "text\u2192EOI": (.224, .418)},
@@ -211,7 +210,7 @@ def main() -> None:
                             "--disable-background-networking", "--disable-component-update", "--no-first-run",
                             "--disable-sync", f"--user-data-dir={Path(tmp) / 'profile'}",
                             "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
-                            "--window-size=900,1250", "--virtual-time-budget=8000", f"--screenshot={shot}",
+                            "--window-size=900,1600", "--virtual-time-budget=8000", f"--screenshot={shot}",
                             html_path.as_uri()], check=True, capture_output=True, timeout=120)
             im = Image.open(shot).convert("RGB")
             arr = np.asarray(im)

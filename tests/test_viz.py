@@ -22,7 +22,6 @@ from conftest import qwen_batch  # noqa: E402
 from viz_helpers import force_text_to_cell, image_with_square  # noqa: E402
 
 from mechvlm import HookedVLM, viz  # noqa: E402
-from mechvlm.synthetic import QWEN_IDS  # noqa: E402
 from mechvlm.viz.html import props_json  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -32,7 +32,6 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from conftest import qwen_batch  # noqa: E402
 from PIL import Image  # noqa: E402
 from viz_helpers import force_text_to_cell, image_with_square  # noqa: E402

@@ -18,7 +18,6 @@ the pixel-exact numpy versions of what `attention_on_image` draws.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 import torch
