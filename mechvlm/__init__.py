@@ -3,6 +3,17 @@
 from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookEditError, HookPoint, UnknownHookError
 from mechvlm.hooked_vlm import HookedVLM
+from mechvlm.metrics import attention_share, logit_lens, received_attention, visual_text_similarity
 
-__all__ = ["HookEditError", "HookPoint", "HookedVLM", "UnknownHookError", "VLMConfig"]
+__all__ = [
+    "HookEditError",
+    "HookPoint",
+    "HookedVLM",
+    "UnknownHookError",
+    "VLMConfig",
+    "attention_share",
+    "logit_lens",
+    "received_attention",
+    "visual_text_similarity",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""The attention rows of a query set, streamed layer by layer (no full pattern).
+
+`QueryAttention` turns a forward pass into, per layer, the attention mass that a set of
+query tokens sends to every key: ``mass[b, h, j] = sum_{i in Q_b} A^{l,h}_{b,i,j}``.
+Both `attention_share` and `received_attention` reduce this tensor.
+
+How a layer is read (decided per layer before the forward):
+
+* Streaming (the default): hooks at ``hook_rot_q`` / ``hook_rot_k`` keep references to the
+  post-RoPE queries and keys; the hook at ``hook_attn_mask`` (which fires right after them)
+  computes ``softmax(q[Q] k^T * scale)`` under the layer's boolean mask for the query rows
+  only (the union of ``Q`` over the batch, in chunks), in fp32, and reduces it. The model
+  itself keeps running SDPA; no ``[q, k]`` pattern of the layer is materialised.
+* Pattern: when other hooks of the same run (or hooks already attached to the model)
+  touch ``hook_attn_scores`` / ``hook_pattern`` of the layer, e.g. a post-softmax knockout,
+  the model materialises the pattern anyway and the metric reads the real (edited) one at
+  ``hook_pattern``.
+
+Metric hooks go AFTER the user's hooks in the hook list, so at a shared hook point they fire
+last and see every edit: a mask edited at ``hook_attn_mask`` (pre-softmax knockout,
+register masks), edited queries/keys, an edited pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechvlm.metrics._common import Hooks, chunk_rows, hook_matches
+
+_PATTERN_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
+
+def query_attention_rows(
+    q: Float[Tensor, "batch query head d_head"],
+    k: Float[Tensor, "batch key kv_head d_head"],
+    allowed: Bool[Tensor, "batch one_or_head query key"],
+    scale: float,
+) -> Float[Tensor, "batch head query key"]:
+    """Post-softmax attention rows of the given queries, in fp32.
+
+    ``softmax(q . k^T * scale)`` with disallowed keys removed; grouped-query attention maps
+    query head ``h`` to key head ``h // (n_heads / n_kv_heads)`` (as ``repeat_kv``); a row
+    with no allowed key is all zero (as the model's SDPA and explicit paths return it).
+    """
+    b, c, h, d = q.shape
+    n, kv = k.shape[1], k.shape[2]
+    rep = h // kv
+    # [b, kv, rep*c, d] @ [b, kv, d, n]: each key head serves its `rep` query heads
+    qf = q.float().reshape(b, c, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * c, d)
+    kf = k.float().permute(0, 2, 3, 1)
+    scores = torch.matmul(qf, kf).reshape(b, h, c, n) * scale
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    rows = torch.softmax(scores, dim=-1)
+    return rows * allowed.any(dim=-1, keepdim=True)
+
+
+def reads_pattern(model, layer: int, hooks: Hooks) -> bool:
+    """True when the layer will materialise its pattern in this run: a hook of ``hooks`` (or
+    one already attached to the model) sits at its ``hook_attn_scores`` / ``hook_pattern``."""
+    if model.blocks[layer].attn.needs_pattern():
+        return True
+    names = [f"blocks.{layer}.{p}" for p in _PATTERN_POINTS]
+    return any(hook_matches(h[0], n) for h in hooks for n in names)
+
+
+class QueryAttention:
+    """Hooks that compute, for one batch, the attention mass from a query set to every key.
+
+    Args:
+        model: the `HookedVLM`.
+        layers: the layers to read.
+        query_mask: ``[batch, pos]`` the query tokens ``Q`` of each row.
+        reduce: ``reduce(layer, mass)`` with ``mass`` ``[batch, head, key]`` fp32 (the summed
+            rows of ``Q``), called once per layer during the forward; what it returns is kept
+            in ``self.results[layer]`` (keep it small).
+        other_hooks: the user's hooks of the same run (decides streaming vs pattern layers).
+        query_chunk: query rows per chunk (default: see `chunk_rows`, the MLP activation
+            budget).
+
+    Use: ``run_with_hooks(fwd_hooks=other_hooks + qa.hooks())``.
+    """
+
+    def __init__(self, model, layers: list[int], query_mask: Bool[Tensor, "batch pos"],
+                 reduce: Callable[[int, Tensor], Tensor], other_hooks: Hooks = (),
+                 query_chunk: int | None = None):
+        self.model = model
+        self.layers = list(layers)
+        self.reduce = reduce
+        query_mask = query_mask.to(model.device)
+        b, n = query_mask.shape
+        self.qpos: Int[Tensor, " query"] = query_mask.any(0).nonzero().squeeze(-1)
+        self.qsel: Float[Tensor, "batch query"] = query_mask[:, self.qpos].float()
+        self.chunk = query_chunk or chunk_rows(model, b * n, b * model.cfg.n_heads * n)
+        self.pattern_layers = {l for l in self.layers if reads_pattern(model, l, list(other_hooks))}
+        self.results: dict[int, Tensor] = {}
+        self._q: dict[int, Tensor] = {}
+        self._k: dict[int, Tensor] = {}
+
+    def hooks(self) -> Hooks:
+        out: Hooks = []
+        for l in self.layers:
+            pre = f"blocks.{l}.attn."
+            if l in self.pattern_layers:
+                out.append((pre + "hook_pattern", self._pattern_hook(l)))
+            else:
+                out += [(pre + "hook_rot_q", self._keep(self._q, l)),
+                        (pre + "hook_rot_k", self._keep(self._k, l)),
+                        (pre + "hook_attn_mask", self._mask_hook(l))]
+        return out
+
+    # --------------------------------------------------------------------------- hooks --
+    @staticmethod
+    def _keep(store: dict, layer: int):
+        def keep(t: Tensor, hook) -> None:
+            store[layer] = t
+
+        return keep
+
+    def _mask_hook(self, layer: int):
+        scale = self.model.blocks[layer].attn.scale
+
+        def on_mask(allowed: Tensor, hook) -> None:
+            q, k = self._q.pop(layer), self._k.pop(layer)
+            mass = None
+            for s in range(0, len(self.qpos), self.chunk):
+                idx = self.qpos[s:s + self.chunk]
+                rows = query_attention_rows(q[:, idx], k, allowed[:, :, idx], scale)
+                mass = self._add(mass, rows, s, len(idx))
+            self._finish(layer, mass, q.shape[0], allowed.shape[-1])
+
+        return on_mask
+
+    def _pattern_hook(self, layer: int):
+        def on_pattern(pattern: Tensor, hook) -> None:
+            mass = None
+            for s in range(0, len(self.qpos), self.chunk):
+                idx = self.qpos[s:s + self.chunk]
+                mass = self._add(mass, pattern[:, :, idx].float(), s, len(idx))
+            self._finish(layer, mass, pattern.shape[0], pattern.shape[-1])
+
+        return on_pattern
+
+    def _add(self, mass: Tensor | None, rows: Float[Tensor, "batch head c key"], s: int, c: int) -> Tensor:
+        # sum the chunk's rows, each weighted by whether it is a query of that batch row
+        part = torch.einsum("bhck,bc->bhk", rows, self.qsel[:, s:s + c])
+        return part if mass is None else mass + part
+
+    def _finish(self, layer: int, mass: Tensor | None, b: int, n: int) -> None:
+        if mass is None:  # no query token in the batch
+            mass = torch.zeros(b, self.model.cfg.n_heads, n, device=self.model.device)
+        self.results[layer] = self.reduce(layer, mass)
