@@ -76,7 +76,8 @@ def test_fig_knockout_sem_and_outputs():
 # -------------------------------------------------------- figures of metric results --
 @pytest.fixture(scope="module")
 def metric_results(qwen_model):
-    metrics = pytest.importorskip("mechvlm.metrics", reason="mechvlm.metrics is not merged yet")
+    from mechvlm import metrics
+
     batches = [qwen_batch([[4, (1, 8, 12), 6]], seed=s) for s in range(2)]
     return dict(
         batches=batches,
