@@ -1,0 +1,255 @@
+"""Attention on the image: the mass each image token receives, drawn over the input
+image at its grid cell.
+
+Geometry. Each image's tokens form a merged grid ``(t, h, w)`` (`TokenRoles.spans`),
+token ``(row, col)`` from ``roles.grid_row / grid_col``.
+
+- Qwen2.5-VL: the processor resized the image to ``h*patch*merge x w*patch*merge``
+  pixels (patch 14, merge 2: 28 px per LM token) without cropping, so the original
+  image is resized to that size and cell ``(r, c)`` covers pixels
+  ``[28r, 28r+28) x [28c, 28c+28)``.
+- Gemma3: the image is resized to a ``image_size`` square (896 for the real
+  checkpoints; no crop) and pooled to ``sqrt(mm_tokens)`` squared tokens, so the grid is
+  square over the square image.
+
+`image_grids` places per-position values on the grids; `heat_pixels` / `overlay` are
+the pixel-exact numpy versions of what `attention_on_image` draws.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mechvlm.image_layout import ImageSpan
+from mechvlm.roles import TokenRoles
+from mechvlm.viz.attention import _select_heads, pattern_of
+from mechvlm.viz.html import figure_to_img_html
+from mechvlm.viz.labels import row_spans
+
+__all__ = ["QWEN_PATCH", "received_per_position", "image_grids", "model_pixel_size", "resize_to_grid",
+           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html"]
+
+QWEN_PATCH = 14
+
+
+def _query_mask(roles: TokenRoles, queries, batch_index: int) -> Tensor:
+    n = roles.shape[1]
+    if isinstance(queries, Tensor) and queries.dtype != torch.bool:
+        queries = queries.tolist()
+    if isinstance(queries, (list, tuple, range)) and queries and all(isinstance(q, int) for q in queries):
+        m = torch.zeros(n, dtype=torch.bool)
+        m[list(queries)] = True
+        return m
+    if isinstance(queries, Tensor) and queries.ndim == 1:
+        if queries.shape[0] != n:
+            raise ValueError(f"a query mask of one row must have {n} entries, got {queries.shape[0]}")
+        return queries.cpu()
+    return roles.mask(queries)[batch_index].cpu()
+
+
+def received_per_position(source, roles: TokenRoles, *, layer: int | None = None, heads=None,
+                          queries="text", batch_index: int = 0, head_reduce: str = "mean") -> Tensor:
+    """``r[k] = sum_{q in queries} A[h, q, k]``, reduced over ``heads`` (``"mean"`` or
+    ``"sum"``): ``[pos]`` float64 for row ``batch_index``.
+
+    ``source``: a cache (with ``layer``) or a pattern tensor (see `pattern_of`).
+    ``queries``: a role name, a list of role names / boolean masks ``[batch, pos]``, a
+    boolean ``[pos]`` mask, or a list of positions.
+    """
+    p = pattern_of(source, layer, batch_index)
+    hs = _select_heads(p.shape[0], heads)
+    q = _query_mask(roles, queries, batch_index)
+    if not bool(q.any()):
+        raise ValueError(f"the query set {queries!r} is empty in row {batch_index}")
+    r = p[hs][:, q, :].sum(1)
+    if head_reduce == "mean":
+        return r.mean(0)
+    if head_reduce == "sum":
+        return r.sum(0)
+    raise ValueError(f"head_reduce must be 'mean' or 'sum', got {head_reduce!r}")
+
+
+def image_grids(values, roles: TokenRoles, *, batch_index: int = 0,
+                frames: str = "mean") -> list[tuple[ImageSpan, np.ndarray]]:
+    """Per-position values (``[pos]`` or ``[batch, pos]``) placed on each image's merged
+    grid: ``[(span, array [h, w])]`` for the images of row ``batch_index``, in sequence
+    order. Cells come from ``roles.grid_row / grid_col``; a grid with several frames
+    (``t > 1``) is averaged over them (``frames="mean"``) or summed (``"sum"``)."""
+    v = torch.as_tensor(values).detach().to("cpu", torch.float64)
+    if v.ndim == 2:
+        v = v[batch_index]
+    if v.shape[-1] != roles.shape[1]:
+        raise ValueError(f"values have {v.shape[-1]} positions, the roles {roles.shape[1]}")
+    rows, cols, ts = (getattr(roles, k)[batch_index].cpu() for k in ("grid_row", "grid_col", "grid_t"))
+    out = []
+    for s in row_spans(roles, batch_index):
+        t, h, w = s.grid
+        g = np.zeros((t, h, w))
+        pos = torch.arange(s.start, s.stop)
+        g[ts[pos].numpy(), rows[pos].numpy(), cols[pos].numpy()] = v[pos].numpy()
+        out.append((s, g.mean(0) if frames == "mean" else g.sum(0)))
+    return out
+
+
+def model_pixel_size(span: ImageSpan, cfg=None) -> tuple[int, int]:
+    """``(height, width)`` of the image as the model's processor resized it."""
+    _, h, w = span.grid
+    if cfg is not None and getattr(cfg, "model_type", None) == "gemma3" and cfg.extra.get("image_size"):
+        size = int(cfg.extra["image_size"])
+        return size, size
+    merge = cfg.spatial_merge_size if cfg is not None else 2
+    return h * QWEN_PATCH * merge, w * QWEN_PATCH * merge
+
+
+def _as_array(image) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):  # CHW
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, -1)
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    return arr
+
+
+def resize_to_grid(image, size: tuple[int, int]) -> np.ndarray:
+    """The image (PIL, ``[H, W, C]`` / ``[C, H, W]`` array or tensor, uint8 or floats in
+    [0, 1]) resized (bicubic, no crop) to ``size = (height, width)``: uint8 ``[H, W, 3]``."""
+    from PIL import Image
+
+    arr = _as_array(image)
+    if arr.shape[:2] == tuple(size):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BICUBIC))
+
+
+def heat_pixels(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest upsampling of an ``[h, w]`` grid to ``size = (H, W)`` pixels: pixel ``(y, x)``
+    takes cell ``(y*h // H, x*w // W)`` (the same cells `attention_on_image` draws)."""
+    h, w = grid.shape
+    H, W = size
+    return grid[(np.arange(H) * h // H)[:, None], (np.arange(W) * w // W)[None, :]]
+
+
+def overlay(image: np.ndarray | None, grid: np.ndarray, *, size: tuple[int, int] | None = None,
+            cmap: str = "inferno", alpha: float = 0.55, vmin: float = 0.0,
+            vmax: float | None = None) -> np.ndarray:
+    """The composited picture ``(1 - alpha) * image + alpha * cmap(heat)``: uint8
+    ``[H, W, 3]`` (``image`` None: the heat alone on black)."""
+    import matplotlib
+
+    if image is not None:
+        base = resize_to_grid(image, size) if size is not None else _as_array(image)
+    else:
+        base = np.zeros((*(size or (grid.shape[0] * 28, grid.shape[1] * 28)), 3), np.uint8)
+    heat = heat_pixels(grid, base.shape[:2])
+    vmax = float(grid.max()) if vmax is None else vmax
+    norm = np.clip((heat - vmin) / ((vmax - vmin) or 1.0), 0, 1)
+    rgb = matplotlib.colormaps[cmap](norm)[..., :3]
+    out = (1 - alpha) * base / 255.0 + alpha * rgb
+    return (out * 255).round().astype(np.uint8)
+
+
+def _images_for(spans: list[ImageSpan], images) -> list:
+    if images is None:
+        return [None] * len(spans)
+    if isinstance(images, dict):
+        return [images.get(s.image) for s in spans]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) != len(spans):
+        raise ValueError(f"{len(images)} image(s) given for the {len(spans)} image(s) of the row "
+                         "(pass a list in sequence order, or a dict image_index -> image)")
+    return list(images)
+
+
+def _is_values(src, roles: TokenRoles) -> bool:
+    """Per-position values (``[pos]``, or ``[batch, pos]`` that is not square) rather than a
+    pattern; a square 2-D tensor is read as a ``[query, key]`` pattern."""
+    if not isinstance(src, Tensor):
+        return False
+    if src.ndim == 1:
+        return True
+    return src.ndim == 2 and tuple(src.shape) == tuple(roles.shape) and src.shape[0] != src.shape[1]
+
+
+def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | None = None, heads=None,
+                       queries="text", batch_index: int = 0, cfg=None, head_reduce: str = "mean",
+                       cmap: str = "inferno", alpha: float = 0.55, share_scale: bool = True,
+                       show_grid: bool = False, min_side: int = 224, size: float = 3.6,
+                       title: str | None = None):
+    """Heatmap of the attention each image token receives, over the input image(s).
+
+    ``source``: a cache + ``layer``, a pattern (``[batch, head, q, k]`` ...), or
+    precomputed per-position values ``[pos]`` / ``[batch, pos]`` (e.g. a received-
+    attention vector; ``heads`` / ``queries`` are then ignored; a square 2-D tensor is
+    read as a ``[query, key]`` pattern). ``images``: the original
+    images of row ``batch_index`` (PIL, arrays or tensors), a list in sequence order or
+    a dict ``image_index -> image``, or None (the heat alone, opaque). Each is resized to the
+    processor's size (`model_pixel_size`, from ``cfg`` = ``model.cfg``; without it 28 px
+    per token); when that is small (tiny configs) it is upsampled by an integer factor to
+    at least ``min_side`` pixels on its long side, for display only (the data coordinates
+    stay the processor's pixels). ``share_scale``: one colour scale for all images.
+    Returns a Figure with one panel per image.
+    """
+    import matplotlib.cm
+    import matplotlib.pyplot as plt
+
+    src = torch.as_tensor(source) if isinstance(source, (np.ndarray, list)) else source
+    if _is_values(src, roles):
+        values = src
+        what = "values"
+    else:
+        values = received_per_position(src, roles, layer=layer, heads=heads, queries=queries,
+                                       batch_index=batch_index, head_reduce=head_reduce)
+        qname = queries if isinstance(queries, str) else "chosen queries"
+        hname = "all heads" if heads is None else f"heads {heads}"
+        what = f"attention from {qname} ({head_reduce} over {hname})"
+    grids = image_grids(values, roles, batch_index=batch_index)
+    if not grids:
+        raise ValueError(f"row {batch_index} holds no image")
+    imgs = _images_for([s for s, _ in grids], images)
+    vmax_all = max(float(g.max()) for _, g in grids)
+    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids) + 0.8, size), squeeze=False)
+    for ax, (span, g), img in zip(axes[0], grids, imgs):
+        H, W = model_pixel_size(span, cfg)
+        k = max(1, -(-min_side // max(H, W)))
+        if img is not None:
+            ax.imshow(resize_to_grid(img, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
+        else:
+            ax.imshow(np.zeros((H, W, 3), np.uint8), extent=(0, W, H, 0))
+        vmax = (vmax_all if share_scale else float(g.max())) or 1.0
+        im = ax.imshow(g, extent=(0, W, H, 0), cmap=cmap, alpha=alpha if img is not None else 1.0,
+                       vmin=0.0, vmax=vmax,
+                       interpolation="nearest")
+        if show_grid:
+            _, h, w = span.grid
+            for r in range(1, h):
+                ax.axhline(r * H / h, color="white", lw=0.3, alpha=0.5)
+            for c in range(1, w):
+                ax.axvline(c * W / w, color="white", lw=0.3, alpha=0.5)
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"image {span.image}: {span.grid[1]}\u00d7{span.grid[2]} tokens", fontsize=9)
+        opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
+        fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
+    lay = f"Layer {layer}: " if layer is not None else ""
+    fig.suptitle(title if title is not None else f"{lay}{what}", fontsize=10)
+    return fig
+
+
+def attention_on_image_html(*args, alt: str = "attention on image", dpi: int | None = None, **kwargs) -> str:
+    """`attention_on_image` as an embeddable ``<img>`` (base64 PNG); the figure is closed."""
+    return figure_to_img_html(attention_on_image(*args, **kwargs), alt=alt, dpi=dpi, close=True)
