@@ -355,7 +355,8 @@ def test_bf16_runs_close_to_fp32_and_results_export(qwen):
     """In bf16 every metric runs (fp32 internals) and stays close to the fp32 numbers."""
     model16 = HookedVLM.from_hf(qwen.hf, dtype=torch.bfloat16)
     batch = qwen.batches[1]
-    for fn, field, tol in [(attention_share, "share", 1.5e-2), (visual_text_similarity, "max", 1e-2)]:  # seen: 3e-3, 1e-3
+    # tolerances about 5x the differences seen (3e-3, 1e-3)
+    for fn, field, tol in [(attention_share, "share", 1.5e-2), (visual_text_similarity, "max", 1e-2)]:
         a, b = fn(qwen.model, batch, progress=False), fn(model16, batch, progress=False)
         assert getattr(b, field).dtype == torch.float32
         assert (getattr(a, field) - getattr(b, field)).abs().max() < tol, fn.__name__
