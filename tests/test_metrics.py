@@ -349,3 +349,21 @@ def test_visual_text_similarity_matches_hf(fam, reference):
     print(f"\n[{fam.name} visual_text_similarity {reference} vs HF] max abs diff {diff:.1e}")
     assert diff <= 1e-5
     assert torch.allclose(res.mean_max, want_max.mean(0), atol=1e-5)
+
+
+def test_bf16_runs_close_to_fp32_and_results_export(qwen):
+    """In bf16 every metric runs (fp32 internals) and stays close to the fp32 numbers."""
+    model16 = HookedVLM.from_hf(qwen.hf, dtype=torch.bfloat16)
+    batch = qwen.batches[1]
+    # tolerances about 5x the differences seen (3e-3, 1e-3)
+    for fn, field, tol in [(attention_share, "share", 1.5e-2), (visual_text_similarity, "max", 1e-2)]:
+        a, b = fn(qwen.model, batch, progress=False), fn(model16, batch, progress=False)
+        assert getattr(b, field).dtype == torch.float32
+        assert (getattr(a, field) - getattr(b, field)).abs().max() < tol, fn.__name__
+        assert len(b.to_frame()) > 0 and set(b.to_dict()) >= {field, "layers"}
+    ra, rb = (received_attention(m, batch, progress=False) for m in (qwen.model, model16))
+    assert (ra.curve - rb.curve).abs().max() < 1e-2 and len(rb.to_frame()) == 3 * len(rb.thresholds)
+    la, lb = (logit_lens(m, batch, k=3, progress=False) for m in (qwen.model, model16))
+    p32, p16 = la.top_probs[:, :, 0], lb.top_probs[:, :, 0]
+    assert lb.top_probs.dtype == torch.float32 and ((p32 - p16).abs() / p32).max() < 0.1  # seen: 2%
+    assert len(lb.to_frame()) == lb.top_ids.numel() and lb.alignment is None

@@ -109,6 +109,10 @@ def attention_share(
             list``); the metric sees their effect (e.g. a knockout's edited pattern).
         progress: show a tqdm bar over batches.
         query_chunk: query rows computed at once (default from the MLP activation size).
+
+    METHODS §1's Narrow-gate variant is ``head_share`` with key selections {internal image
+    tokens, last image token, EOI, image start} (pass callables ``roles -> mask``); averaging
+    over text queries instead of summing does not change a share.
     """
     layer_list = select_layers(model, layers)
     keys = list(keys)
