@@ -93,7 +93,12 @@ class HookedVLM(HookedRootModule):
         vision = family.vision_encoder(hf_model)
         if copy_weights:
             vision = copy.deepcopy(vision)
+        # as HF's own loading: fp32 buffers (the vision rotary inv_freq) stay fp32 under a cast
+        fp32_buffers = {n: b for n, b in vision.named_buffers() if b.dtype == torch.float32}
         vision = vision.to(device=device, dtype=dtype).requires_grad_(False).eval()
+        for name, buf in fp32_buffers.items():
+            owner, _, attr = name.rpartition(".")
+            vision.get_submodule(owner)._buffers[attr] = buf.to(device)
         with torch.device("meta"):
             model = cls(cfg, family)
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)

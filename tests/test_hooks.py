@@ -79,6 +79,31 @@ def test_every_hook_edit_changes_logits(result_model, image_batch):
             assert (edited - clean).abs().max() > 1e-4, f"editing {name} had no effect"
 
 
+def test_every_in_place_edit_takes_effect(result_model, image_batch):
+    def scale_in_place(t, hook):
+        if t.dtype == torch.bool:
+            t[..., -1, 0] = False
+        else:
+            t.mul_(1.5).add_(0.1)
+
+    with torch.no_grad():
+        clean = result_model(**image_batch)
+        for name in result_model.hook_dict:
+            edited = result_model.run_with_hooks(**image_batch, fwd_hooks=[(name, scale_in_place)])
+            assert (edited - clean).abs().max() > 1e-4, f"an in-place edit of {name} had no effect"
+
+
+def test_in_place_mask_edit_stays_in_its_layer(qwen_model, image_batch):
+    def cut_in_place(m, hook):
+        m[..., -1, :] = False
+        m[..., -1, -1] = True
+
+    with torch.no_grad(), qwen_model.hooks(fwd_hooks=[("blocks.0.attn.hook_attn_mask", cut_in_place)]):
+        _, cache = qwen_model.run_with_cache(**image_batch, names_filter="blocks.1.attn.hook_attn_mask")
+    n = image_batch["input_ids"].shape[1]
+    assert torch.equal(cache["blocks.1.attn.hook_attn_mask"][0, 0], torch.ones(n, n, dtype=torch.bool).tril())
+
+
 def test_in_place_edit_takes_effect(qwen_model, image_batch):
     def zero_head(t, hook):
         t[:, 0] = 0.0  # in place, returns None

@@ -107,7 +107,8 @@ class Attention(nn.Module):
 
         allowed = None
         if self.hook_attn_mask.is_observed():
-            allowed = self.hook_attn_mask(mask.dense(self.window))
+            # a copy: the dense mask is shared by all layers, an in-place edit must stay here
+            allowed = self.hook_attn_mask(mask.dense(self.window).clone())
         if self.needs_pattern():
             if allowed is None:
                 allowed = mask.dense(self.window)

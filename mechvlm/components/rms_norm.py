@@ -12,9 +12,9 @@ from mechvlm.hook_points import HookPoint
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, as Hugging Face computes it.
 
-    Qwen2.5-VL style (``offset_weight=False``): ``w * (x / scale).to(dtype)``: the cast
+    Qwen2.5-VL style (``offset_weight=False``): ``w * (x * rsqrt(ms + eps)).to(dtype)``: the cast
     back to the activation dtype happens BEFORE the weight multiply.
-    Gemma3 style (``offset_weight=True``): ``((x / scale) * (1 + w)).to(dtype)`` in fp32.
+    Gemma3 style (``offset_weight=True``): ``((x * rsqrt(ms + eps)) * (1 + w)).to(dtype)`` in fp32.
 
     Hooks:
         hook_scale: ``[batch, pos, 1]`` fp32, ``sqrt(mean(x**2) + eps)`` (the divisor).
@@ -33,11 +33,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d"]:
         in_dtype = x.dtype
         x32 = x.float()
-        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        var_eps = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        if self.hook_scale.is_observed():  # the divisor, as the hook left it (edits in place too)
+            inv = self.hook_scale(var_eps.sqrt()).reciprocal()
+        else:
+            inv = torch.rsqrt(var_eps)  # HF's op: bit-identical to HF
         if self.offset_weight:
-            normalized = self.hook_normalized(x32 / scale)
+            normalized = self.hook_normalized(x32 * inv)
             return (normalized * (1.0 + self.w.float())).to(in_dtype)
-        normalized = self.hook_normalized((x32 / scale).to(in_dtype))
+        normalized = self.hook_normalized((x32 * inv).to(in_dtype))
         return self.w * normalized
 
     def extra_repr(self) -> str:
