@@ -52,6 +52,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import init_weights_  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -97,13 +100,7 @@ def build_hf(args, device, dtype, attn: str):
     with no_init_weights():
         hf = Qwen2_5_VLForConditionalGeneration(cfg)
     hf.tie_weights()
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    init_weights_(hf, args.seed)
     hf = hf.to(device=device, dtype=dtype).eval().requires_grad_(False)
     hf.set_attn_implementation({"text_config": attn})
     return hf

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_kwargs, hf_with_attention_edit, qwen_batch
+from conftest import hf_kwargs, hf_with_attention_edit
 from mechvlm import HookedVLM
 from mechvlm.synthetic import QWEN_IDS
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import Tensor
 
 from mechvlm.crosscheck.tolerances import Tol

@@ -413,7 +413,6 @@ def fig_logit_lens_on_image(result, roles, *, layer, example: int = 0, batch_ind
     shows the rank-``rank`` token of that image token, coloured by its probability, over
     the (resized) input image if given. ``roles``: the roles of the batch the example came
     from; ``batch_index``: its row there (default ``example``). One panel per image."""
-    import matplotlib.pyplot as plt
 
     from mechvlm.viz.image import model_pixel_size, resize_to_grid
     from mechvlm.viz.labels import row_spans
