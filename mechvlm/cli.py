@@ -43,15 +43,11 @@ def _demo(args: argparse.Namespace) -> int:
         d = (cache["pattern", l] - ref.attentions[l]).abs().max()
         print(f"layer {l}  max |pattern - HF output_attentions| = {d:.2e}")
 
-    image = ids[0] == QWEN_IDS["image"]
-    text_after = torch.zeros_like(image)
-    text_after[int(image.nonzero().max()) + 2:] = True
+    from mechvlm.interventions import knockout
 
-    def knockout(pattern, hook):  # seed 000 Eq. 3-4: zero text->image attention, no renormalisation
-        pattern[:, :, text_after[:, None] & image[None, :]] = 0.0
-
+    roles = model.roles(**inputs)  # seed 000 Eq. 3-4: text->image attention zeroed, no renormalisation
     with torch.no_grad():
-        ko = model.run_with_hooks(**inputs, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), knockout)])
+        ko = model.run_with_hooks(**inputs, fwd_hooks=knockout(roles, query="text", key="image"))
     shift = (ko[0, -1].softmax(-1) - logits[0, -1].softmax(-1)).abs().sum() / 2
     print(f"text->image knockout in all layers: total-variation change of the last "
           f"next-token distribution = {shift:.3f}")
