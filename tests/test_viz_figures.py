@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from conftest import qwen_batch  # noqa: E402
 
 from mechvlm.viz import figures as F  # noqa: E402
+from mechvlm.viz import knockout as K  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,20 +35,20 @@ def _close_figures():
 
 # ---------------------------------------------------------------------------- knockout --
 def test_normalize_knockout_forms():
-    one = F.normalize_knockout({"none": (.4, .49), "text->img": 0.1})
+    one = K.normalize_knockout({"none": (.4, .49), "text->img": 0.1})
     assert one == {"": {"none": {"accuracy": .4, "std": .49, "n": None, "outputs": None},
                         "text->img": {"accuracy": .1, "std": None, "n": None, "outputs": None}}}
-    nested = F.normalize_knockout({"m": {"none": {"accuracy": .5, "std": .5, "n": 100,
+    nested = K.normalize_knockout({"m": {"none": {"accuracy": .5, "std": .5, "n": 100,
                                                   "outputs": {"letter": 90, "eos_only": 10}}}})
     assert nested["m"]["none"]["n"] == 100 and nested["m"]["none"]["outputs"]["eos_only"] == 10
     with pytest.raises(ValueError, match="accuracy"):
-        F.normalize_knockout({"model": {"none": {"acc": .5}}})
+        K.normalize_knockout({"model": {"none": {"acc": .5}}})
     with pytest.raises(ValueError, match="empty"):
-        F.normalize_knockout({})
+        K.normalize_knockout({})
 
 
 def test_fig_knockout_bars_and_labels():
-    fig = F.fig_knockout(TABLE1)
+    fig = K.fig_knockout(TABLE1)
     ax = fig.axes[0]
     heights = sorted(round(p.get_height(), 3) for p in ax.patches)
     assert heights == sorted([.356, .169, .224, .410, .086, .001])
@@ -61,7 +62,7 @@ def test_fig_knockout_bars_and_labels():
 def test_fig_knockout_sem_and_outputs():
     table = {"none": {"accuracy": .4, "std": .49, "n": 400, "outputs": {"letter": 380, "eos_only": 20}},
              "text->img": {"accuracy": .1, "std": .3, "n": 400, "outputs": {"letter": 100, "eos_only": 300}}}
-    fig = F.fig_knockout(table)
+    fig = K.fig_knockout(table)
     ax, ax2 = fig.axes
     caps = [c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
     assert caps, "sem error bars expected when n is given"
@@ -69,7 +70,7 @@ def test_fig_knockout_sem_and_outputs():
     assert seg[1][1] - seg[0][1] == pytest.approx(2 * .49 / np.sqrt(400), rel=1e-6)
     widths = [round(p.get_width(), 3) for p in ax2.patches]
     assert widths == [.95, .25, .05, .75]  # letter (none, ko) then eos_only (none, ko)
-    html = F.knockout_table_html(TABLE1).html
+    html = K.knockout_table_html(TABLE1).html
     assert "<td>.356 (.479)</td>" in html and "<th>Qwen2.5-VL 7B</th>" in html
 
 

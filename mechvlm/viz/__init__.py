@@ -6,13 +6,13 @@ Needs the ``viz`` extra: ``pip install 'mechvlm[viz]'`` (circuitsvis, matplotlib
 
 from mechvlm.viz.attention import (attention_heads, attention_pattern, collapse, colored_tokens,
                                    head_thumbnails, pattern_of, token_groups)
-from mechvlm.viz.figures import (fig_attention_share, fig_knockout, fig_logit_lens, fig_logit_lens_on_image,
-                                 fig_received_attention, fig_visual_text_similarity, knockout_table_html,
-                                 normalize_knockout)
+from mechvlm.viz.figures import (fig_attention_share, fig_logit_lens, fig_logit_lens_on_image,
+                                 fig_received_attention, fig_visual_text_similarity)
 from mechvlm.viz.html import (HTMLFragment, Page, Widget, circuitsvis_bundle, figure_to_img_html,
                               figure_to_png, image_to_img_html)
 from mechvlm.viz.image import (attention_on_image, attention_on_image_html, heat_pixels, image_grids,
                                model_pixel_size, overlay, received_per_position, resize_to_grid)
+from mechvlm.viz.knockout import fig_knockout, knockout_table_html, normalize_knockout
 from mechvlm.viz.labels import html_safe, token_labels
 
 __all__ = [
