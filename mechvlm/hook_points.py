@@ -82,9 +82,6 @@ class HookPoint(_TLHookPoint):
                 f"{where} returned a tensor on {out.device}, but the activation is on {act.device}"
             )
 
-    def has_fwd_hooks(self) -> bool:
-        return bool(self.fwd_hooks)
-
     def is_observed(self) -> bool:
         """True when any hook (forward or backward) is attached: its value must be computed."""
         return bool(self.fwd_hooks or self.bwd_hooks)

@@ -19,7 +19,12 @@ from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
 from mechvlm.models import family_for
-from mechvlm.models.base import ModelFamily, PreparedInputs, check_input_ids, padding_from_attention_mask
+from mechvlm.models.base import (
+    ModelFamily,
+    PreparedInputs,
+    check_input_ids,
+    padding_from_attention_mask,
+)
 from mechvlm.roles import TokenRoles, compute_roles
 
 
@@ -172,7 +177,8 @@ class HookedVLM(HookedRootModule):
             image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
             x = x.masked_scatter(image_mask, feats)
         x = self.hook_embed(x)
-        rope = {t: table(inputs.position_ids, x.dtype) for t, table in self._rotary.items()}
+        tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
+        rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
         mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids)
         for l, block in enumerate(self.blocks):
             x = block(x, rope[self.cfg.layer_types[l]], mask)

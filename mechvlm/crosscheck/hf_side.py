@@ -25,22 +25,14 @@ a private deepcopy (or a model this package loaded itself).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from mechvlm.crosscheck.record import Run
+
 ATTENTION_CALL = "attention_interface_1"
 SOFTMAX = "nn_functional_softmax_0"
-
-
-@dataclass
-class HFRun:
-    logits: Tensor
-    embed: Tensor | None = None
-    resid_post: list[Tensor] = field(default_factory=list)
-    final_norm: Tensor | None = None
-    patterns: list[Tensor] = field(default_factory=list)
 
 
 def eager_copy(hf_model: nn.Module, *, dtype: torch.dtype | None = None,
@@ -83,7 +75,7 @@ class EagerTwin:
         return getattr(inner, SOFTMAX)
 
     @torch.no_grad()
-    def run_clean(self, hf_kwargs: dict) -> HFRun:
+    def run_clean(self, hf_kwargs: dict) -> Run:
         """Logits, embeddings, every layer's output and pattern, and the final norm."""
         resid, patterns, embed, out = [], [], [], []
         with self.model.trace(**hf_kwargs):
@@ -95,10 +87,10 @@ class EagerTwin:
                 resid.append(layers[l].output.save())
             final = self.model.model.language_model.norm.output.save()
             out.append(self.model.output.logits.save())
-        return HFRun(logits=out[0], embed=embed[0], resid_post=resid, final_norm=final, patterns=patterns)
+        return Run(logits=out[0], embed=embed[0], resid_post=resid, final_norm=final, patterns=patterns)
 
     @torch.no_grad()
-    def run_knockout(self, hf_kwargs: dict, cut: Tensor, mode: str) -> HFRun:
+    def run_knockout(self, hf_kwargs: dict, cut: Tensor, mode: str) -> Run:
         """Logits with ``cut`` ``[batch, 1, q, k]`` (True = remove) knocked out in every
         layer: zeroed after the softmax (``post_softmax_zero``, no renormalisation) or
         set to ``finfo.min`` in the scores before it (``pre_softmax_mask``)."""
@@ -116,7 +108,7 @@ class EagerTwin:
                     sm.input = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
                 patterns.append(layers[l].self_attn.output[1].save())
             out.append(self.model.output.logits.save())
-        return HFRun(logits=out[0], patterns=patterns)
+        return Run(logits=out[0], patterns=patterns)
 
 
 def hf_inputs(config, batch: dict, dtype: torch.dtype, device) -> dict:

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from mechvlm.crosscheck.record import Run
 from mechvlm.crosscheck.share import share_from_patterns
 from mechvlm.interventions import knockout
-
-
-@dataclass
-class MechRun:
-    logits: Tensor
-    embed: Tensor | None = None
-    resid_post: list[Tensor] = field(default_factory=list)
-    final_norm: Tensor | None = None
-    patterns: list[Tensor] = field(default_factory=list)
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -46,7 +37,7 @@ def time_forward(model, kw: dict, repeats: int = 5) -> float:
 
 
 @torch.no_grad()
-def run_clean(model, batch: dict) -> MechRun:
+def run_clean(model, batch: dict) -> Run:
     """Logits from the default (SDPA) path, the residual stream from a cache of the same
     run, the final norm applied to the last residual, and the patterns from a second run
     that hooks ``hook_pattern`` (the explicit path)."""
@@ -56,16 +47,16 @@ def run_clean(model, batch: dict) -> MechRun:
     logits, cache = model.run_with_cache(**kw, names_filter=names)
     final = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
     _, pcache = model.run_with_cache(**kw, names_filter=lambda name: name.endswith("attn.hook_pattern"))
-    return MechRun(logits=logits, embed=cache["hook_embed"],
+    return Run(logits=logits, embed=cache["hook_embed"],
                    resid_post=[cache[f"blocks.{l}.hook_resid_post"] for l in range(n)], final_norm=final,
                    patterns=[pcache[f"blocks.{l}.attn.hook_pattern"] for l in range(n)])
 
 
 @torch.no_grad()
-def run_knockout(model, batch: dict, key: str, mode: str) -> MechRun:
+def run_knockout(model, batch: dict, key: str, mode: str) -> Run:
     kw = model_inputs(model, batch)
     hooks = knockout(model.roles(**kw), query="text", key=key, mode=mode)
-    return MechRun(logits=model.run_with_hooks(**kw, fwd_hooks=hooks))
+    return Run(logits=model.run_with_hooks(**kw, fwd_hooks=hooks))
 
 
 def attention_share(model, batch: dict, patterns: list[Tensor], keys=("image", "eoi")) -> tuple[dict, str]:

@@ -12,10 +12,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor, nn
 
-from mechvlm.components import Attention, GatedMLP, RMSNorm, RotaryEmbedding, TransformerBlock
+from mechvlm.components import (
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerBlock,
+)
 from mechvlm.config import VLMConfig
 from mechvlm.image_layout import ImageSpan
 
@@ -155,5 +161,3 @@ def family_for(hf_config) -> ModelFamily:
         )
     return _FAMILIES[model_type]
 
-
-ImageFeatures = Float[Tensor, "n_image_tokens d_model"]
