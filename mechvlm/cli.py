@@ -1,4 +1,9 @@
-"""Command line: ``mechvlm demo``, ``mechvlm hooks`` and ``mechvlm crosscheck``.
+"""Command line: ``mechvlm report`` (the main job), ``demo``, ``hooks``, ``crosscheck``,
+``make-mmbench`` and ``train-toy``.
+
+``report`` runs seed 000's analyses (attention share, cumulative received attention, the
+knockout table on an MMBench-format TSV) on the shipped toy Qwen2.5-VL by default, or on any
+local checkpoint directory (``--model``), and writes an HTML report and a JSON.
 
 ``demo`` needs nothing but this package: it builds a small random Qwen2.5-VL, runs the
 same image prompt through Hugging Face and through mechvlm, and prints the parity and a
@@ -107,9 +112,55 @@ def _crosscheck(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .report import ReportConfig, run_report
+
+    cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=args.device,
+                       dtype=args.dtype, out=args.out, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    run_report(cfg)
+    return 0
+
+
+def _make_mmbench(args: argparse.Namespace) -> int:
+    from .toy.benchmark import write_benchmark
+
+    path = write_benchmark(args.out, n_questions=args.questions, seed=args.seed,
+                           circular=not args.no_circular)
+    print(f"wrote {path}")
+    return 0
+
+
+def _train_toy(args: argparse.Namespace) -> int:
+    from .toy.train import main as train_main
+
+    return train_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechvlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="seed-000 analyses + knockout table -> HTML report and JSON")
+    rep.add_argument("--model", default=None, help="local checkpoint directory (default: shipped toy Qwen2.5-VL)")
+    rep.add_argument("--mmbench", default=None, help="MMBench-format TSV (default: shipped synthetic one)")
+    rep.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    rep.add_argument("--out", default="mechvlm-report", help="output directory")
+    rep.add_argument("--batch-size", type=int, default=16)
+    rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.set_defaults(fn=_report)
+    mk = sub.add_parser("make-mmbench", help="write the synthetic benchmark as an MMBench TSV")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--questions", type=int, default=100, help="base questions (each with circular copies)")
+    mk.add_argument("--seed", type=int, default=2026)
+    mk.add_argument("--no-circular", action="store_true", help="no rotated copies")
+    mk.set_defaults(fn=_make_mmbench)
+    tr = sub.add_parser("train-toy", help="train a toy checkpoint (arguments: see python -m mechvlm.toy.train -h)",
+                        add_help=False)
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(fn=_train_toy)
     demo = sub.add_parser("demo", help="parity with HF and a knockout on a small random Qwen2.5-VL")
     demo.add_argument("--layers", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,149 @@
+"""Text + images -> the batch ``HookedVLM.forward`` takes, from a checkpoint directory.
+
+`InputBuilder` loads the checkpoint's tokenizer (with its chat template) and its HF image
+processor, renders a user turn holding the images and the prompt, and expands each image
+placeholder the way the family's HF processor does:
+
+- Qwen2.5-VL: ``<|image_pad|>`` becomes ``t*h*w / merge**2`` copies (from ``image_grid_thw``).
+- Gemma3: ``<start_of_image>`` becomes ``\\n\\n<start_of_image>`` + ``mm_tokens_per_image``
+  soft tokens + ``<end_of_image>\\n\\n``.
+
+It does not build HF's ``*Processor`` object: ``Qwen2_5_VLProcessor`` cannot be constructed
+without torchvision (its video processor), which torch 2.13 has no wheel for here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _image_processor(path: Path, model_type: str):
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:  # the PIL backends are exact and need no torchvision
+        if model_type == "qwen2_5_vl":
+            from transformers import Qwen2VLImageProcessorPil as cls
+        elif model_type == "gemma3":
+            from transformers import Gemma3ImageProcessorPil as cls
+        else:
+            raise ValueError(f"no image processor known for model_type {model_type!r}") from None
+        return cls.from_pretrained(path)
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path)
+
+
+class InputBuilder:
+    """Builds model inputs from prompts and PIL images, left-padded.
+
+    ``builder(prompts, images)`` with ``prompts: list[str]`` and ``images: list[list[Image]]``
+    (the images of each prompt, placed before its text) returns a dict with ``input_ids``
+    and ``attention_mask`` ``[batch, pos]``, ``pixel_values`` and, for Qwen2.5-VL,
+    ``image_grid_thw [n_images, 3]``: pass it as ``model(**batch)`` / ``model.roles(**batch)``.
+    """
+
+    def __init__(self, tokenizer, image_processor, hf_config):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_type = hf_config.model_type
+        if self.model_type not in ("qwen2_5_vl", "gemma3"):
+            raise ValueError(f"unsupported model_type {self.model_type!r}")
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template; mechvlm renders prompts with it")
+        self.config = hf_config
+        if self.model_type == "qwen2_5_vl":
+            self.image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_id)
+            self.merge = hf_config.vision_config.spatial_merge_size
+        else:
+            self.image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_index)
+            self.boi = tokenizer.convert_ids_to_tokens(hf_config.boi_token_index)
+            self.eoi = tokenizer.convert_ids_to_tokens(hf_config.eoi_token_index)
+        self.eos_token_ids = self._eos_ids(hf_config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "InputBuilder":
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        builder = cls(tokenizer, _image_processor(path, config.model_type), config)
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if eos is not None:
+                builder.eos_token_ids = sorted(set(builder.eos_token_ids) | set(
+                    eos if isinstance(eos, list) else [eos]))
+        return builder
+
+    def _eos_ids(self, hf_config) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        if self.model_type == "gemma3":
+            end_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            if end_turn is not None and end_turn != self.tokenizer.unk_token_id:
+                ids.add(end_turn)
+        return sorted(i for i in ids if i is not None)
+
+    # --------------------------------------------------------------------------- text --
+    def render(self, prompt: str, n_images: int) -> str:
+        """The chat-templated text of one user turn (images first), with a generation prompt."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def expand_images(self, text: str, tokens_per_image: list[int]) -> str:
+        """Expand each image placeholder of ``text`` as the family's HF processor does."""
+        if self.model_type == "qwen2_5_vl":
+            parts = text.split(self.image_token)
+            expanded = [self.image_token * n for n in tokens_per_image]
+        else:
+            parts = text.split(self.boi)
+            expanded = [f"\n\n{self.boi}{self.image_token * n}{self.eoi}\n\n" for n in tokens_per_image]
+        if len(parts) - 1 != len(tokens_per_image):
+            raise ValueError(f"the text has {len(parts) - 1} image placeholders but "
+                             f"{len(tokens_per_image)} images were given")
+        out = parts[0]
+        for rep, rest in zip(expanded, parts[1:]):
+            out += rep + rest
+        return out
+
+    # ------------------------------------------------------------------------- images --
+    def process_images(self, images: list) -> tuple[dict[str, Tensor], list[int]]:
+        """HF image processing of a flat list of images -> (tensors, tokens per image)."""
+        if not images:
+            return {}, []
+        out = self.image_processor(images=images, return_tensors="pt")
+        if self.model_type == "qwen2_5_vl":
+            grid = out["image_grid_thw"]
+            n = (grid.prod(-1) // self.merge ** 2).tolist()
+            return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, n
+        return {"pixel_values": out["pixel_values"]}, [self.config.mm_tokens_per_image] * len(images)
+
+    def encode(self, prompts: list[str], tokens_per_image: list[list[int]]) -> dict[str, Tensor]:
+        """Token ids (left-padded) for prompts whose images have the given token counts."""
+        texts = [self.expand_images(self.render(p, len(n)), n) for p, n in zip(prompts, tokens_per_image)]
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, prompts: list[str], images: list[list[Any]] | None = None) -> dict[str, Tensor]:
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        flat = [im for ims in images for im in ims]
+        tensors, counts = self.process_images(flat)
+        per_prompt, i = [], 0
+        for ims in images:
+            per_prompt.append(counts[i:i + len(ims)])
+            i += len(ims)
+        return {**self.encode(prompts, per_prompt), **tensors}
+
+    def decode(self, ids: list[int] | Tensor) -> str:
+        """Generated ids -> text, special tokens skipped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
