@@ -1,0 +1,17 @@
+"""MMBench evaluation (METHODS §5; seed 000 App. A.1 and Table 1).
+
+* `load_mmbench` / `write_mmbench`: the TSV format and its quirks (`tsv`).
+* `mmbench_prompt`: the seed-000 prompt (`prompt`).
+* `can_infer`: VLMEvalKit's letter extraction; `classify_output` (`extract`).
+* `score_records`: accuracy ± std, per category, circular groups, output kinds (`scoring`).
+* `CONDITIONS`: none / text→image / text→EOI knockouts in both modes (`conditions`).
+* `evaluate`: generate, extract and score under each condition (`evaluate`).
+* `table1`, `outputs_table`, `print_report`, `save_results` (`report_tables`).
+
+Greedy generation itself lives in `mechvlm.generation`.
+"""
+
+from mechvlm.mmbench.prompt import mmbench_prompt
+from mechvlm.mmbench.tsv import MMBenchFormatError, MMBenchItem, load_mmbench, write_mmbench
+
+__all__ = ["MMBenchFormatError", "MMBenchItem", "load_mmbench", "mmbench_prompt", "write_mmbench"]
