@@ -11,10 +11,11 @@
 Greedy generation itself lives in `mechvlm.generation`.
 """
 
+from mechvlm.mmbench.conditions import CONDITIONS, DIRECTIONS, Condition, resolve_conditions
 from mechvlm.mmbench.extract import OUTPUT_KINDS, RULES, can_infer, classify_output
 from mechvlm.mmbench.prompt import mmbench_prompt
 from mechvlm.mmbench.scoring import accuracy_std, score_records
 from mechvlm.mmbench.tsv import MMBenchFormatError, MMBenchItem, load_mmbench, write_mmbench
 
-__all__ = ["OUTPUT_KINDS", "RULES", "MMBenchFormatError", "MMBenchItem", "accuracy_std", "can_infer", "classify_output",
+__all__ = ["CONDITIONS", "DIRECTIONS", "Condition", "resolve_conditions", "OUTPUT_KINDS", "RULES", "MMBenchFormatError", "MMBenchItem", "accuracy_std", "can_infer", "classify_output",
            "load_mmbench", "mmbench_prompt", "score_records", "write_mmbench"]
