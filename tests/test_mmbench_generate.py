@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_kwargs, hf_with_attention_edit, qwen_batch
+from _mmbench_ref import hf_knockout_greedy
+from conftest import hf_kwargs, qwen_batch
 from mechvlm import HookedVLM
 from mechvlm.generation import greedy_generate
 from mechvlm.mmbench import CONDITIONS
@@ -121,47 +122,6 @@ def test_right_padding_rejected(qwen_model):
     batch["input_ids"] = batch["input_ids"].flip(-1)
     with pytest.raises(ValueError, match="left-padded"):
         greedy_generate(qwen_model, batch, 2, NEVER)
-
-
-def hand_roles(ids: torch.Tensor, mask: torch.Tensor):
-    """Text / image / EOI masks of a Qwen batch from the token ids alone."""
-    real = mask.bool()
-    image, eoi = ids == QWEN_IDS["image"], ids == QWEN_IDS["vision_end"]
-    special = image | eoi | (ids == QWEN_IDS["vision_start"])
-    pos = torch.arange(ids.shape[1])
-    first = torch.where(ids == QWEN_IDS["vision_start"], pos, ids.shape[1]).min(-1).values
-    return real & ~special & (pos[None] > first[:, None]), image, eoi
-
-
-def hf_knockout_greedy(hf, batch: dict, steps: int, key: str | None, mode: str | None):
-    """Greedy decoding with HF's own forward, no cache, the knockout rebuilt each step from
-    hand-computed roles: ``pre_softmax_mask`` as a 4-D additive mask (with HF's 3-D
-    positions), ``post_softmax_zero`` in HF's eager attention. Returns (ids, logits per step)."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask", torch.ones_like(ids))
-    cut_now = [None]
-    edited = hf_with_attention_edit(hf, None, pattern_fn=lambda w: w.masked_fill(cut_now[0], 0.0)) \
-        if mode == "post_softmax_zero" else hf
-    logits_per_step = []
-    with torch.no_grad():
-        for _ in range(steps):
-            text, image, eoi = hand_roles(ids, mask)
-            cut = (text[:, :, None] & (image if key == "image" else eoi)[:, None, :])[:, None]
-            kw = hf_kwargs(dict(batch, input_ids=ids, attention_mask=mask))
-            if mode == "pre_softmax_mask":
-                n = ids.shape[1]
-                allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
-                allowed &= ~cut
-                pos, _ = hf.model.get_rope_index(ids, kw["mm_token_type_ids"], batch["image_grid_thw"],
-                                                 attention_mask=mask)
-                kw.update(attention_mask=torch.where(allowed, 0.0, torch.finfo(torch.float32).min),
-                          position_ids=pos)
-            cut_now[0] = cut
-            logits = edited(**kw).logits[:, -1].float()
-            logits_per_step.append(logits)
-            ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids, torch.stack(logits_per_step, 1)
 
 
 @pytest.mark.parametrize("name", [n for n in CONDITIONS if n != "none"])
