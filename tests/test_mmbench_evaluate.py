@@ -159,6 +159,16 @@ def test_viz_accepts_results(results):
     assert one[""]["none"]["outputs"] == results["none"]["outputs"]
     two = normalize_knockout({"a": results, "b": results})
     assert list(two) == ["a", "b"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mechvlm.viz import fig_knockout
+
+    fig = fig_knockout({"a": results})
+    assert len(fig.axes) == 2  # accuracy bars and the output-kind panel
+    plt.close(fig)
 
 
 def test_prompt_reaches_builder(qwen_model):
