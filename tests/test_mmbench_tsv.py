@@ -95,7 +95,7 @@ def test_pil_image_decodes(tmp_path):
 
 
 def test_optional_columns_absent(tmp_path):
-    text = ("index\tquestion\tA\tB\tC\tanswer\tcategory\timage\n"
+    text = ("\ufeffindex\tquestion\tA\tB\tC\tanswer\tcategory\timage\n"  # with a byte-order mark
             f"7\tWhat?\tfoo\tbar\t\tB\tmisc\t{RED}\n"
             "8\tAnd?\tfoo\tbar\tbaz\tC\tmisc\t7\n")
     a, b = load_mmbench(write(tmp_path, text))

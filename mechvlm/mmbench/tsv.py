@@ -142,7 +142,7 @@ def load_mmbench(path: str | os.PathLike) -> list[MMBenchItem]:
     has no image of its own.
     """
     _raise_field_size_limit()
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is dropped
         reader = csv.reader(f, delimiter="\t")
         try:
             header = next(reader)
