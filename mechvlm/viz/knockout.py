@@ -1,8 +1,9 @@
 """Seed 000 Table 1: knockout accuracy as a bar plot and an HTML table.
 
-The MMBench evaluation does not exist yet, so these take a plain mapping:
-``{model: {condition: (accuracy, std)}}`` or ``{condition: (accuracy, std)}``; a value may
-also be a dict with ``accuracy``, ``std``, ``n`` and ``outputs`` (counts per output kind).
+These take a plain mapping: ``{model: {condition: (accuracy, std)}}`` or ``{condition:
+(accuracy, std)}``; a value may also be a dict with ``accuracy``, ``std``, ``n`` and
+``outputs`` (counts per output kind), which is what `mechvlm.mmbench.evaluate` returns per
+condition (pass its result, or ``{model: result}``, as it is).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def fig_knockout(table: Mapping, *, error: str | None = "auto", width: float | N
     """Seed 000 Table 1 as grouped bars: accuracy per knockout condition (bars) and model
     (groups), annotated ``.356 (.479)`` (accuracy, std over items) as in the paper.
 
-    Expected input (there is no MMBench evaluation in mechvlm yet; see
+    Expected input (`mechvlm.mmbench.evaluate`'s result as it is, or see
     `normalize_knockout`): ``{"Qwen2.5-VL 3B": {"none": (.392, .488), "text->img":
     (.176, .381), "text->EOI": (.207, .405)}, ...}`` or ``{condition: (acc, std)}``; a dict
     value may add ``n`` (items) and ``outputs`` (counts per output kind: letter / EOS only

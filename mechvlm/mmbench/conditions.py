@@ -1,0 +1,103 @@
+"""Named evaluation conditions: no intervention, and the knockouts of seed 000 Table 1.
+
+A condition is a callable ``(batch, roles) -> hooks`` (the ``fwd_hooks`` convention of
+`mechvlm.metrics`), so `greedy_generate` rebuilds it for every step and the knockout
+covers the generated tokens as well. `CONDITIONS` holds:
+
+* ``none``
+* ``text→image:pre_softmax_mask`` / ``text→image:post_softmax_zero``: text queries cannot
+  attend image tokens, in all layers and heads.
+* ``text→EOI:pre_softmax_mask`` / ``text→EOI:post_softmax_zero``: text queries cannot
+  attend the end-of-image token(s).
+
+Modes: see `mechvlm.interventions.knockout` (``post_softmax_zero`` is Eq. 3-4 as written,
+no renormalisation; ``pre_softmax_mask`` renormalises each row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from mechvlm.interventions import knockout
+
+#: The column order of seed 000 Table 1.
+DIRECTIONS = ("none", "text→image", "text→EOI")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A named intervention for `evaluate`.
+
+    ``direction`` is the Table-1 column (``none``, ``text→image``, ``text→EOI``, or any
+    label for a custom condition); ``mode`` the knockout reading (None: no knockout). With
+    ``key=None`` the condition adds no hooks; ``hooks`` (optional) overrides the knockout
+    with a custom ``(batch, roles) -> hooks`` callable.
+    """
+
+    name: str
+    direction: str
+    key: str | None = None
+    mode: str | None = None
+    query: str = "text"
+    hooks: Callable | None = None
+
+    def __call__(self, batch, roles) -> list:
+        if self.hooks is not None:
+            return list(self.hooks(batch, roles))
+        if self.key is None:
+            return []
+        return knockout(roles, query=self.query, key=self.key, mode=self.mode)
+
+    def describe(self) -> dict:
+        """JSON-friendly description (stored with the results)."""
+        return {"name": self.name, "direction": self.direction, "mode": self.mode,
+                "query": self.query if self.key is not None else None, "key": self.key,
+                "custom_hooks": self.hooks is not None}
+
+
+def _knockouts() -> list[Condition]:
+    out = []
+    for direction, key in (("text→image", "image"), ("text→EOI", "eoi")):
+        for mode in ("pre_softmax_mask", "post_softmax_zero"):
+            out.append(Condition(f"{direction}:{mode}", direction, key=key, mode=mode))
+    return out
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in [Condition("none", "none"), *_knockouts()]}
+
+
+def resolve_conditions(conditions: None | str | Iterable | Mapping) -> dict[str, Condition]:
+    """Normalise the ``conditions`` argument of `evaluate`.
+
+    None: every condition of `CONDITIONS`. A name (``"->"`` is accepted for ``"→"``), a
+    `Condition`, or a list of them. A mapping ``{name: Condition | callable(batch, roles)}``
+    adds custom conditions (a callable becomes ``Condition(name, direction=name,
+    hooks=callable)``).
+    """
+    if conditions is None:
+        return dict(CONDITIONS)
+    if isinstance(conditions, (str, Condition)):
+        conditions = [conditions]
+    out: dict[str, Condition] = {}
+    if isinstance(conditions, Mapping):
+        for name, c in conditions.items():
+            if isinstance(c, Condition):
+                out[str(name)] = c
+            elif callable(c):
+                out[str(name)] = Condition(str(name), str(name), hooks=c)
+            else:
+                raise TypeError(f"condition {name!r}: expected a Condition or a callable, got {type(c).__name__}")
+        return out
+    for c in conditions:
+        if isinstance(c, str):
+            name = c.replace("->", "→")
+            if name not in CONDITIONS:
+                raise ValueError(f"unknown condition {c!r}; known: {list(CONDITIONS)}")
+            c = CONDITIONS[name]
+        if not isinstance(c, Condition):
+            raise TypeError(f"expected a condition name or a Condition, got {type(c).__name__}")
+        out[c.name] = c
+    if not out:
+        raise ValueError("no conditions to evaluate")
+    return out

@@ -1,0 +1,110 @@
+"""Run MMBench under named conditions: generate, extract letters, score.
+
+`evaluate` builds the seed-000 prompt of every item, lets the input builder turn prompts
+and images into a batch, decodes a few tokens greedily with each condition's hooks
+(`mechvlm.generation.greedy_generate`, no KV cache, so knockouts cover the generated
+tokens), reads the letter with VLMEvalKit's rules and scores the items.
+
+The input builder is any object with this protocol (`InputBuilder`)::
+
+    builder.eos_token_ids: list[int]
+    builder(prompts: list[str], images: list[list[PIL.Image]]) -> dict   # HookedVLM.forward kwargs,
+        # input_ids / attention_mask left-padded, pixel_values, image_grid_thw (Qwen) ...
+    builder.decode(ids: list[int]) -> str                                # skips special tokens
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from mechvlm.generation import greedy_generate
+from mechvlm.mmbench.conditions import CONDITIONS, Condition, resolve_conditions
+from mechvlm.mmbench.extract import DEFAULT_RULES, can_infer, classify_output
+from mechvlm.mmbench.prompt import mmbench_prompt
+from mechvlm.mmbench.scoring import score_records
+from mechvlm.mmbench.tsv import MMBenchItem
+
+__all__ = ["CONDITIONS", "InputBuilder", "evaluate", "evaluate_condition"]
+
+
+class InputBuilder(Protocol):
+    """Turns prompts and images into ``HookedVLM.forward`` keyword arguments."""
+
+    eos_token_ids: list[int]
+
+    def __call__(self, prompts: list[str], images: list[list]) -> dict: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem], condition: Condition, *,
+                       batch_size: int = 8, max_new_tokens: int = 4, progress: bool = True,
+                       rules: str = DEFAULT_RULES, pad_token_id: int | None = None) -> dict:
+    """One condition over ``items``: the scored summary (see `evaluate`)."""
+    from tqdm.auto import tqdm
+
+    records = []
+    starts = range(0, len(items), batch_size)
+    for start in tqdm(starts, desc=f"MMBench [{condition.name}]", unit="batch", disable=not progress):
+        chunk = items[start:start + batch_size]
+        batch = builder([mmbench_prompt(it) for it in chunk],
+                        [[it.pil_image()] if it.image is not None else [] for it in chunk])
+        gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=condition,
+                              pad_token_id=pad_token_id)
+        for row, it in enumerate(chunk):
+            tokens = gen.tokens(row)
+            raw = builder.decode(tokens)
+            prediction = can_infer(raw, it.options, rules)
+            records.append({
+                "index": it.index, "group": it.group, "category": it.category,
+                "l2_category": it.l2_category, "answer": it.answer, "prediction": prediction,
+                "kind": classify_output(raw, prediction, it.options), "raw": raw, "tokens": tokens,
+                "stopped": bool(gen.finished[row]),
+            })
+    summary = {"condition": condition.describe()}
+    summary.update(score_records(records))
+    summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
+                           "extraction": "VLMEvalKit can_infer (exact matching)"}
+    summary["items"] = records
+    return summary
+
+
+def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
+             conditions: None | str | Iterable | Mapping = None, *, batch_size: int = 8,
+             max_new_tokens: int = 4, progress: bool = True, rules: str = DEFAULT_RULES,
+             pad_token_id: int | None = None) -> dict[str, dict]:
+    """Evaluate ``items`` under every condition.
+
+    Args:
+        model: a `HookedVLM`.
+        builder: the input builder (`InputBuilder`).
+        items: `MMBenchItem` rows (`load_mmbench`).
+        conditions: None (all of `CONDITIONS`), names, `Condition` objects, or a mapping
+            ``{name: Condition | callable(batch, roles) -> hooks}`` (`resolve_conditions`).
+        batch_size: items per forward.
+        max_new_tokens: greedy tokens per item.
+        progress: tqdm bars (one per condition).
+        rules: the VLMEvalKit rule set of `can_infer`.
+        pad_token_id: what finished rows continue with (default: the first EOS id).
+
+    Returns:
+        ``{condition name: summary}``; a summary holds ``condition`` (its description),
+        ``accuracy``, ``std`` (population std over scored items), ``n``, ``n_items``,
+        ``n_unscored``, ``per_category`` / ``per_l2_category`` (``{name: {accuracy, std,
+        n}}``), ``vanilla_0`` and ``circular`` (None without circular copies), ``outputs``
+        (counts: letter / eos_only / other) and ``output_fractions``, ``settings`` and
+        ``items`` (per item: index, group, category, l2_category, answer, prediction, kind,
+        correct, raw (decoded output), tokens (generated ids before EOS), stopped (an EOS
+        was emitted)). Plain JSON-serialisable data; `mechvlm.viz.fig_knockout` accepts it
+        (one model) or ``{model: it}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    items = list(items)
+    if not items:
+        raise ValueError("no MMBench items to evaluate")
+    return {name: evaluate_condition(model, builder, items, cond, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, progress=progress, rules=rules,
+                                     pad_token_id=pad_token_id)
+            for name, cond in resolve_conditions(conditions).items()}

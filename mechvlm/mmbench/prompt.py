@@ -1,0 +1,33 @@
+"""The MMBench prompt of seed 000, Appendix A.1 (METHODS §5).
+
+Exactly::
+
+    {Hint}
+    {Question}
+    A. {Choice A}
+    B. {Choice B}
+    C. {Choice C}
+    D. {Choice D}
+    Answer with the option's letter from the given choices directly.
+
+The hint line is omitted when the hint is missing or blank; only the options present are
+listed, in letter order. No trailing newline. This is the text part only: the image and
+the chat template are the input builder's business.
+"""
+
+from __future__ import annotations
+
+from mechvlm.mmbench.tsv import MMBenchItem
+
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def mmbench_prompt(item: MMBenchItem) -> str:
+    """The seed-000 prompt text of one item (see the module docstring)."""
+    lines = []
+    if item.hint is not None and item.hint.strip():
+        lines.append(item.hint)
+    lines.append(item.question)
+    lines += [f"{letter}. {text}" for letter, text in item.options.items()]
+    lines.append(INSTRUCTION)
+    return "\n".join(lines)
