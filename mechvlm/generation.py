@@ -115,6 +115,9 @@ def greedy_generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: I
     def grab_last(module, args, output):
         last_hidden.append(output[:, -1])
 
+    if fixed.get("pixel_values") is not None and "image_embeds" not in fixed:
+        # the images do not change between steps: encode them once
+        fixed["image_embeds"] = model.encode_images(fixed["pixel_values"], fixed.get("image_grid_thw"))
     handle = model.ln_final.register_forward_hook(grab_last)
     try:
         for _ in range(max_new_tokens):

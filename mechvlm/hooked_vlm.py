@@ -154,6 +154,7 @@ class HookedVLM(HookedRootModule):
         *,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits"] | None = "logits",
+        image_embeds: Float[Tensor, "... d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
@@ -161,6 +162,9 @@ class HookedVLM(HookedRootModule):
         tokens only. Image tokens need ``pixel_values`` (and, for Qwen2.5-VL,
         ``image_grid_thw``). ``token_type_ids`` (Gemma3 only, optional) is checked against
         the image blocks mechvlm derives from ``input_ids``; a disagreement raises.
+        ``image_embeds``: the vision encoder's output for these ``pixel_values``
+        (`encode_images`), to skip recomputing it (e.g. at every generation step);
+        ``hook_image_embeds`` still sees and may edit it.
         """
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
                                      token_type_ids)
@@ -169,12 +173,12 @@ class HookedVLM(HookedRootModule):
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
         x = self.embed(ids)
         if inputs.spans:
-            if self.vision is None:
-                raise RuntimeError("this HookedVLM has no vision encoder")
-            grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
-            feats = self.vision(pixel_values.to(self.device), grid)
+            feats = self.encode_images(pixel_values, image_grid_thw) if image_embeds is None else image_embeds
             feats = self.hook_image_embeds(feats.to(x.dtype))
             image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
+            if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
+                raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "
+                                 f"input has {int(image_mask.sum())} image tokens")
             x = x.masked_scatter(image_mask, feats)
         x = self.hook_embed(x)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
@@ -188,6 +192,14 @@ class HookedVLM(HookedRootModule):
         if return_type != "logits":
             raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
         return self.unembed(x)
+
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> Tensor:
+        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
+        image token, in the order the image tokens appear."""
+        if self.vision is None:
+            raise RuntimeError("this HookedVLM has no vision encoder")
+        grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
+        return self.vision(pixel_values.to(self.device), grid)
 
     # ------------------------------------------------------------------ hooks / cache --
     def set_use_attn_result(self, use: bool) -> None:

@@ -66,7 +66,7 @@ class InputBuilder:
         self.eos_token_ids = self._eos_ids(hf_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "InputBuilder":
+    def from_pretrained(cls, path: str | Path) -> InputBuilder:
         from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path)

@@ -32,6 +32,16 @@ def test_pixel_values_count_mismatch(qwen_model, image_batch):
         qwen_model(**{**image_batch, "pixel_values": image_batch["pixel_values"][:20]})
 
 
+def test_precomputed_image_embeds(qwen_model, image_batch):
+    feats = qwen_model.encode_images(image_batch["pixel_values"], image_batch["image_grid_thw"])
+    torch.testing.assert_close(qwen_model(**image_batch, image_embeds=feats), qwen_model(**image_batch),
+                               atol=0, rtol=0)
+    other = qwen_model(**image_batch, image_embeds=torch.zeros_like(feats))
+    assert not torch.allclose(other, qwen_model(**image_batch))  # they are used, not ignored
+    with pytest.raises(ValueError, match="image features hold 5 token vectors but the input has 6"):
+        qwen_model(**image_batch, image_embeds=feats[:5])
+
+
 def test_grid_not_tiling_the_image_run(qwen_model):
     batch = qwen_batch([[3, (1, 4, 6), 3, (1, 4, 4), 2]], seed=2)
     grid = batch["image_grid_thw"].flip(0)  # same total, wrong order: 4 tokens, then 6

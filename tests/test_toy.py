@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from mechvlm.processing import InputBuilder
-from mechvlm.toy.checkpoint import build_toy, save_toy, toy_image_processor
+from mechvlm.toy.checkpoint import build_toy, save_toy
 from mechvlm.toy.scenes import CATEGORIES, COLORS, IMAGE_SIZE, VALUES, make_scene, make_scenes
-from mechvlm.toy.tokenizer import toy_tokenizer
 from mechvlm.toy.train import compositional_init_, fast_pixels
 
 FAMILIES = ["qwen2_5_vl", "gemma3"]
@@ -35,8 +34,8 @@ def test_scenes_are_deterministic_and_answerable():
     assert s.answer in s.options and len(set(s.options)) == 4
     assert (s.image[painted] == COLORS[s.answer]).all()  # every painted pixel has the answer's colour
     s = make_scene("count", rng)
-    cells = painted_cells = (s.image != 128).any(-1).reshape(4, 28, 4, 28).any((1, 3)).sum()
-    assert ["one", "two", "three", "four"][cells - 1] == s.answer, painted_cells
+    cells = (s.image != 128).any(-1).reshape(4, 28, 4, 28).any((1, 3)).sum()
+    assert ["one", "two", "three", "four"][cells - 1] == s.answer
     s = make_scene("position", rng)
     ys, xs = np.nonzero((s.image != 128).any(-1))
     vert = "top" if ys.max() < IMAGE_SIZE / 2 else "bottom"
@@ -45,7 +44,7 @@ def test_scenes_are_deterministic_and_answerable():
 
 
 def test_tokenizer_specials_option_lines_and_round_trip(toy, tmp_path):
-    family, model, tok, proc, _ = toy
+    family, model, tok, _, _ = toy
     cfg = model.config
     image_id = cfg.image_token_id if family == "qwen2_5_vl" else cfg.image_token_index
     assert tok.convert_ids_to_tokens(image_id) in ("<|image_pad|>", "<image_soft_token>")
@@ -61,7 +60,7 @@ def test_tokenizer_specials_option_lines_and_round_trip(toy, tmp_path):
 
 
 def test_fast_pixels_equal_the_hf_image_processor(toy):
-    family, model, tok, proc, builder = toy
+    family, _, _, proc, builder = toy
     scenes = make_scenes(5, seed=1)
     ref = proc(images=[s.pil_image() for s in scenes], return_tensors="pt")
     fast = fast_pixels(np.stack([s.image for s in scenes]), builder)

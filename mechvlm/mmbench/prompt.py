@@ -24,10 +24,15 @@ INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 def mmbench_prompt(item: MMBenchItem) -> str:
     """The seed-000 prompt text of one item (see the module docstring)."""
+    return mmbench_prompt_text(item.question, item.options, item.hint)
+
+
+def mmbench_prompt_text(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    """The same prompt from its parts (``options``: letter -> text, in letter order)."""
     lines = []
-    if item.hint is not None and item.hint.strip():
-        lines.append(item.hint)
-    lines.append(item.question)
-    lines += [f"{letter}. {text}" for letter, text in item.options.items()]
+    if hint is not None and hint.strip():
+        lines.append(hint)
+    lines.append(question)
+    lines += [f"{letter}. {text}" for letter, text in options.items()]
     lines.append(INSTRUCTION)
     return "\n".join(lines)

@@ -1,29 +1,30 @@
 """Write the report: ``report.html`` (self-contained: PNG figures embedded, tables),
-``results.json`` (every number), CSVs, and a printed summary."""
+``results.json`` (every number), the MMBench CSVs, and a printed summary."""
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from ..mmbench.report_tables import format_table1, save_results_csv
+from ..mmbench.report_tables import outputs_table, save_results, table1
 
 MODE_NOTE = (
-    "Two readings of the knockout (METHODS §3): pre_softmax_mask sets the blocked scores to "
-    "-inf before the softmax, so each row renormalises and the blocked keys are fully cut; "
+    "Two readings of the knockout (METHODS §3). pre_softmax_mask sets the blocked scores to "
+    "-inf before the softmax, so each row renormalises and the blocked keys are fully cut. "
     "post_softmax_zero zeroes the weights after the softmax without renormalising (seed 000 "
-    "Eq. 3-4 as written): the blocked keys stay in the denominator, so part of their effect "
-    "leaks.")
+    "Eq. 3-4 as written): the blocked keys stay in the denominator, and part of their effect "
+    "leaks through the unchanged values of the other keys.")
 
 
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return _jsonable(x.tolist())
     if isinstance(x, float):
-        return None if x != x else round(x, 6)  # NaN -> null
+        return None if math.isnan(x) else round(x, 6)  # NaN -> null
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -32,8 +33,8 @@ def _jsonable(x):
 
 
 def metric_summary(share, received) -> dict:
-    """The metric numbers kept in the JSON: example means per layer (and head), and the
-    per-example head-mean values (no per-token arrays)."""
+    """The metric numbers of the JSON: example means per layer (and head), and per-example
+    head-level values (no per-token arrays)."""
     return {
         "attention_share": {
             "layers": share.layers, "keys": share.keys, "query": share.query,
@@ -50,73 +51,62 @@ def metric_summary(share, received) -> dict:
     }
 
 
-def _table(header: list[str], rows: list[list], caption: str) -> str:
+def _table(header: list, rows: list[list], caption: str) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return (f'<table class="mechvlm-table"><caption>{html.escape(caption)}</caption>'
             f"<tr>{th}</tr>{body}</table>")
 
 
-def _share_rows(share) -> tuple[list[str], list[list]]:
-    m = share.mean_head_share
-    return (["layer", *share.keys],
-            [[layer, *(f"{v:.3f}" for v in m[i].tolist())] for i, layer in enumerate(share.layers)])
+def _per_layer(layers, values: torch.Tensor, fmt: str) -> list[list]:
+    return [[layer, *(format(v, fmt) for v in values[i].tolist())] for i, layer in enumerate(layers)]
 
 
-def _received_rows(received) -> tuple[list[str], list[list]]:
-    m = received.mean_frac_tokens
-    return (["layer", *(f"{int(t * 100)}% of mass" for t in received.thresholds)],
-            [[layer, *(f"{v:.2f}" for v in m[i].tolist())] for i, layer in enumerate(received.layers)])
+def _pre(text: str) -> str:
+    return "<pre>" + html.escape(text) + "</pre>"
 
 
-def knockout_for_plot(knockout: dict, label: str) -> dict:
-    """``{label mode: {condition: entry}}`` for `mechvlm.viz.fig_knockout`: one row per mode,
-    ``none`` repeated in each."""
-    conds = knockout["conditions"]
-    rows: dict[str, dict] = {}
-    for name, res in conds.items():
-        if name == "none":
-            continue
-        target, mode = name.rsplit(" ", 1) if " " in name else (name, "")
-        row = rows.setdefault(f"{label} {mode.strip('()')}".strip(), {})
-        if "none" in conds:
-            row.setdefault("none", conds["none"])
-        row[target] = res
-    return rows or {label: {"none": conds["none"]}}
+def label_of(results: dict) -> str:
+    return Path(results["model"]).name
 
 
-def write_outputs(results: dict, share, received, model, builder, items, out: Path) -> None:
-    from ..viz import Page, fig_attention_share, fig_knockout, fig_received_attention, knockout_table_html
+def write_outputs(results: dict, share, received, out: Path) -> None:
+    """Write report.html, results.json and the MMBench CSVs into ``out``."""
+    from ..viz import Page, fig_attention_share, fig_knockout, fig_received_attention
 
     out.mkdir(parents=True, exist_ok=True)
     results.update(metric_summary(share, received))
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
-    save_results_csv(results["knockout"], out)
-    label = Path(results["model"]).name
+    label = label_of(results)
+    save_results({label: results["knockout"]}, out)
     page = Page(f"mechvlm report: {label}")
-    page.add_text(f"model {results['model']} ({results['model_type']}); benchmark {results['mmbench']}; "
+    page.add_text(f"Model {results['model']} ({results['model_type']}); benchmark {results['mmbench']}; "
                   f"{results['n_items']} items; {results['wall_s']} s.")
-    page.add_heading("Table 1: attention knockout (accuracy, std over items)")
-    table = knockout_for_plot(results["knockout"], label)
-    page.add(knockout_table_html(table))
-    page.add(fig_knockout(table), alt="knockout accuracy")
-    page.add_html("<pre>" + html.escape(format_table1({label: results["knockout"]})) + "</pre>")
+    page.add_heading("Table 1: attention knockout in all layers (accuracy, std over items)")
+    page.add_html(_pre(table1({label: results["knockout"]})))
+    page.add_html(_pre(outputs_table({label: results["knockout"]})))
+    page.add(fig_knockout({label: results["knockout"]}), alt="knockout accuracy")
     page.add_text(MODE_NOTE)
-    page.add_heading("Fig. 1: attention share, text -> image vs text -> EOI, per layer")
+    page.add_heading("Fig. 1: attention share of the text, image vs EOI, per layer")
     page.add(fig_attention_share(share), alt="attention share per layer")
-    page.add_html(_table(*_share_rows(share), "head-summed share, mean over examples"))
-    page.add_heading("Fig. 2: cumulative attention received by the image tokens from the text")
+    page.add_html(_table(["layer", *share.keys], _per_layer(share.layers, share.mean_head_share, ".3f"),
+                         "head-summed share, mean over examples"))
+    page.add_heading("Fig. 2: cumulative attention the image tokens receive from the text")
     page.add(fig_received_attention(received), alt="cumulative received attention")
-    page.add_html(_table(*_received_rows(received), "fraction of image tokens carrying the mass"))
+    page.add_html(_table(["layer", *(f"{int(t * 100)}% of the mass" for t in received.thresholds)],
+                         _per_layer(received.layers, received.mean_frac_tokens, ".2f"),
+                         "fraction of image tokens that carries the mass (head mean, mean over examples)"))
     page.save(out / "report.html")
 
 
-def print_summary(results: dict) -> None:
-    label = Path(results["model"]).name
-    print(format_table1({label: results["knockout"]}))
+def print_summary(results: dict, out: Path) -> None:
+    label = label_of(results)
+    print(table1({label: results["knockout"]}))
+    print()
+    print(outputs_table({label: results["knockout"]}))
     share = results["attention_share"]
     m = torch.as_tensor(share["mean_head_share"])
-    print("attention share (text -> " + " / ".join(share["keys"]) + "), head-summed, mean over examples:")
-    print("  " + "  ".join(f"L{layer}: " + "/".join(f"{v:.2f}" for v in m[i].tolist())
+    print("\nattention share of the text (" + " / ".join(share["keys"]) + "), head-summed, per layer:")
+    print("  " + "  ".join(f"L{layer} " + "/".join(f"{v:.2f}" for v in m[i].tolist())
                            for i, layer in enumerate(share["layers"])))
-    print(f"wrote {results['config']['out']}/report.html and results.json ({results['wall_s']} s)")
+    print(f"\nwrote {out / 'report.html'} and {out / 'results.json'} ({results['wall_s']} s)")

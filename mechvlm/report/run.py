@@ -14,7 +14,6 @@ thing. The metrics stream (no attention pattern is cached), so long prompts fit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 
 from ..hooked_vlm import HookedVLM
 from ..metrics import attention_share, received_attention
-from ..mmbench.evaluate import CONDITIONS, evaluate
+from ..mmbench.conditions import CONDITIONS
+from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import load_mmbench
 from ..processing import InputBuilder
@@ -86,17 +86,17 @@ def run_report(cfg: ReportConfig) -> dict:
     batches = list(metric_batches(builder, items, cfg.batch_size))
     share = attention_share(model, batches, progress=cfg.progress)
     received = received_attention(model, batches, keep_received=False, progress=cfg.progress)
-    knockout = evaluate(model, builder, items, conditions={c: CONDITIONS[c] for c in cfg.conditions},
+    knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         progress=cfg.progress)
     results = {
-        "model": str(cfg.model_dir()), "model_type": model.cfg.model_type if hasattr(model.cfg, "model_type")
-        else builder.model_type, "mmbench": str(cfg.tsv()), "n_items": len(items),
+        "model": str(cfg.model_dir()), "model_type": builder.model_type,
+        "mmbench": str(cfg.tsv()), "n_items": len(items),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "attention_share": share.to_dict(), "received_attention": received.to_dict(),
         "knockout": knockout, "wall_s": None,
     }
     results["wall_s"] = round(time.time() - t0, 2)
-    write_outputs(results, share, received, model, builder, items, Path(cfg.out))
-    print_summary(results)
+    write_outputs(results, share, received, Path(cfg.out))
+    print_summary(results, Path(cfg.out))
     return results

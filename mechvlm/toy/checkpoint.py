@@ -21,7 +21,7 @@ def toy_config(family: str, vocab_size: int, *, d_model: int = 128, n_layers: in
                n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 384, vision_hidden: int = 64,
                vision_depth: int = 2):
     """The HF config of a toy model of ``family`` (random-init sized; see module doc)."""
-    sid = lambda tok: special_id(family, tok)  # noqa: E731
+    sid = lambda tok: special_id(family, tok)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
