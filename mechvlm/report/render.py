@@ -70,7 +70,7 @@ def label_of(results: dict) -> str:
     return Path(results["model"]).name
 
 
-def write_outputs(results: dict, share, received, out: Path) -> None:
+def write_outputs(results: dict, share, received, out: Path, examples: list[str] = ()) -> None:
     """Write report.html, results.json and the MMBench CSVs into ``out``."""
     from ..viz import Page, fig_attention_share, fig_knockout, fig_received_attention
 
@@ -96,6 +96,10 @@ def write_outputs(results: dict, share, received, out: Path) -> None:
     page.add_html(_table(["layer", *(f"{int(t * 100)}% of the mass" for t in received.thresholds)],
                          _per_layer(received.layers, received.mean_frac_tokens, ".2f"),
                          "fraction of image tokens that carries the mass (head mean, mean over examples)"))
+    if examples:
+        page.add_heading("Examples: attention of the text tokens on the image (head mean)")
+        for fragment in examples:
+            page.add_html(fragment)
     page.save(out / "report.html")
 
 

@@ -26,6 +26,7 @@ from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import load_mmbench
 from ..processing import InputBuilder
+from .examples import example_heatmaps
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import SHIPPED
 
@@ -96,7 +97,8 @@ def run_report(cfg: ReportConfig) -> dict:
         "attention_share": share.to_dict(), "received_attention": received.to_dict(),
         "knockout": knockout, "wall_s": None,
     }
+    examples = example_heatmaps(model, builder, items)
     results["wall_s"] = round(time.time() - t0, 2)
-    write_outputs(results, share, received, Path(cfg.out))
+    write_outputs(results, share, received, Path(cfg.out), examples)
     print_summary(results, Path(cfg.out))
     return results
