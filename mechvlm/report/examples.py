@@ -27,11 +27,11 @@ def example_heatmaps(model, builder, items, n: int = 4, layers: tuple[int, ...] 
 
     n_layers = model.cfg.n_layers
     layers = layers or tuple(sorted({0, n_layers // 2, n_layers - 1}))
+    names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
     out = []
     for it in example_items(items, n):
         image = it.pil_image()
         batch = builder([mmbench_prompt(it)], [[image]])
-        names = {f"blocks.{l}.attn.hook_pattern" for l in layers}
         _, cache = model.run_with_cache(**batch, names_filter=lambda name: name in names)
         roles = model.roles(**batch)
         figs = "".join(attention_on_image_html(cache, roles, [image], layer=l, cfg=model.cfg, size=2.6,
