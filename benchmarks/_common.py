@@ -85,10 +85,11 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(contenders: dict, reps: int, warmup: int, device: torch.device, seed: int = 0,
-                     log=print) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                     log=print, collect: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall-clock and process-CPU ms per call of ``contenders`` (``{key: (label, fn)}``),
     ``reps`` rounds, each in a new (seeded) random order: no contender is always first, nor
-    always preceded by the same one."""
+    always preceded by the same one. ``collect``: a full ``gc.collect()`` before each call
+    (untimed; it can take a good fraction of a second with large libraries loaded)."""
     keys = list(contenders)
     wall = {k: [] for k in keys}
     cpu = {k: [] for k in keys}
@@ -97,7 +98,8 @@ def time_interleaved(contenders: dict, reps: int, warmup: int, device: torch.dev
         order = rng.sample(keys, len(keys))
         t_round = time.perf_counter()
         for k in order:
-            gc.collect()
+            if collect:
+                gc.collect()
             sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
             out = contenders[k][1]()

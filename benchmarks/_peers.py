@@ -32,6 +32,7 @@ FULL_DEPTH = {"qwen": 36, "gemma": 34}  # Qwen2.5-VL-3B, Gemma3-4B
 KEYS = ("image", "eoi")
 LABELS = {
     "hf_sdpa": "HF sdpa",
+    "hf_sdpa_aa": "HF sdpa again (A/A control: the noise floor)",
     "hf_eager": "HF eager",
     "mech": "mechvlm, no hooks",
     "bridge": "TransformerBridge",
@@ -339,7 +340,7 @@ def contender(name: str, models: Models, inp: Inputs):
     def mask_scores(s, hook):
         return s.masked_fill(cut, torch.finfo(s.dtype).min)
 
-    if name == "hf_sdpa":
+    if name in ("hf_sdpa", "hf_sdpa_aa"):
         return lambda: models.hf(**kw).logits[:, -1]
     if name == "hf_eager":
         return lambda: models.hf_eager(**kw).logits[:, -1]

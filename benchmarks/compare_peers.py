@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,24 +52,29 @@ for p in (str(HERE), str(HERE.parent)):
         sys.path.insert(0, p)
 import _peers as P  # noqa: E402
 from _common import (  # noqa: E402
-    MALLOC_ENV,
-    extra_peak,
     machine_info,
     paired_ratios,
     time_interleaved,
 )
+from _peers_checks import (  # noqa: E402
+    BRIDGE_KO,
+    Checks,
+    check_knockout_scaling,
+    check_main,
+    check_share,
+)
+from _peers_memory import DTYPES, run_memory  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MAIN = ["hf_sdpa", "hf_eager", "mech", "bridge", "hf_eager_attn", "mech_cache", "bridge_cache",
+MAIN = ["hf_sdpa", "hf_sdpa_aa", "hf_eager", "mech", "bridge", "hf_eager_attn", "mech_cache", "bridge_cache",
         "mech_ko_pre", "mech_ko_post", "nn_ko_pre", "nn_ko_pre_eager", "nn_ko_post"]
-BRIDGE_KO = {"bridge_ko_post": ("hook_pattern", "nn_ko_post"), "bridge_ko_pre": ("hook_attn_scores", "nn_ko_pre_eager")}
 SHARE = ["mech_share", "hf_eager_share", "bridge_share", "hf_eager"]
 SCALING = SHARE
+SCALING_KO = ["mech_ko_pre", "nn_ko_pre", "nn_ko_pre_eager"]  # timed from --scaling-knockout-from on
 MEMORY = {"patterns": ["mech", "hf_sdpa", "hf_eager_attn", "mech_cache", "bridge_cache"],
           "share": ["mech", "mech_share", "hf_eager_share", "bridge_share"]}
 SCALING_MEMORY = ["mech", "mech_share", "hf_eager_share", "bridge_share"]
 SECTIONS = {  # rows of each report section -> the references their ratios are taken against
-    "forward": (["mech", "hf_sdpa", "hf_eager", "bridge"], ["hf_sdpa"]),
+    "forward": (["mech", "hf_sdpa", "hf_eager", "bridge", "hf_sdpa_aa"], ["hf_sdpa"]),
     "patterns": (["mech_cache", "hf_eager_attn", "bridge_cache"], ["hf_sdpa", "hf_eager", "hf_eager_attn"]),
     "knockout": (["mech_ko_pre", "mech_ko_post", "nn_ko_pre", "nn_ko_pre_eager", "nn_ko_post",
                   *BRIDGE_KO], ["hf_sdpa", "hf_eager"]),
@@ -100,53 +104,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", default="64,256,1024,4096", help="image tokens of the scaling curve ('' = none)")
     p.add_argument("--scaling-reps", default="3,3,2,1", help="timed rounds at each scaling point")
     p.add_argument("--scaling-layers", type=int, default=2)
+    p.add_argument("--scaling-knockout-from", type=int, default=4096,
+                   help="also time the pre-softmax knockouts from this many image tokens on (default 4096)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; pin the process with taskset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the op profile (matrix products / attention / other) of the knockouts")
     p.add_argument("--out-dir", default=str(HERE), help="where RESULTS.md and compare_peers.json go")
-    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--machine-note", default="", help="what else the machine was doing (goes into RESULTS.md)")
+    p.add_argument("--from-json", default=None,
+                   help="measure nothing: rewrite RESULTS.md (targets, tables) from this compare_peers.json")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.image_tokens, args.batch, args.reps, args.share_reps = 2, 16, 2, 2, 1
-        args.scaling, args.scaling_reps, args.scaling_layers = "4,16", "1", 2
+        args.scaling, args.scaling_reps, args.scaling_layers, args.scaling_knockout_from = "4,16", "1", 2, 16
     return args
 
 
+T0 = time.perf_counter()
+
+
 def log(*a, **kw):
-    print(*a, **{"flush": True, **kw})
+    print(f"[{(time.perf_counter() - T0) / 60:5.1f} min]", *a, **{"flush": True, **kw})
 
 
-# ------------------------------------------------------------------------ correctness --
-def _max_diff(a, b) -> tuple[float, float]:
-    if isinstance(a, (list, tuple)):
-        pairs = [_max_diff(x, y) for x, y in zip(a, b)]
-        return max(d for d, _ in pairs), max(s for _, s in pairs)
-    a, b = a.float(), b.float()
-    ok = ~(a.isnan() & b.isnan())  # a share is NaN where an example has no query: equal then
-    return float((a - b)[ok].abs().max()), float(b[ok].abs().max())
-
-
-class Checks:
-    """Correctness rows: ``max |a - b|`` against the mechvlm cross-check tolerances."""
-
-    def __init__(self, dtype: torch.dtype):
-        from mechvlm.crosscheck.tolerances import tolerances_for
-
-        self.tol = tolerances_for(dtype, measured_noise=False)
-        self.rows: list[dict] = []
-
-    def add(self, section, check, a, b, kind="logits", expect="agree", note="") -> dict:
-        diff, scale = _max_diff(a, b)
-        bound = self.tol[kind].bound(scale)
-        ok = {"agree": diff <= bound, "differ": diff > bound, "equal": diff == 0.0}.get(expect)
-        row = {"section": section, "check": check, "kind": kind, "max_abs_diff": diff, "bound": bound,
-               "expect": expect, "pass": ok, "note": note}
-        self.rows.append(row)
-        return row
-
-
+# ------------------------------------------------------------------------ warm-up --
 def first_calls(names, models, inp, checks_out: dict) -> dict:
     """One call of each contender (the warm-up), its output kept for the checks; the warnings
     each call raised are kept too (the bridge warns when it discards an edit)."""
@@ -175,9 +158,11 @@ def summarize(wall, cpu, refs_by_row: dict) -> dict:
     for k, ts in wall.items():
         row = {"label": P.LABELS[k], "median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
                "cpu_median_ms": statistics.median(cpu[k]), "samples_ms": [round(t, 2) for t in ts], "vs": {}}
+        row["vs_cpu"] = {}
         for ref in refs_by_row.get(k, []):
             if ref in wall and ref != k:
                 row["vs"][ref] = paired_ratios(ts, wall[ref])
+                row["vs_cpu"][ref] = paired_ratios(cpu[k], cpu[ref])
         rows[k] = row
     return rows
 
@@ -205,58 +190,6 @@ def profile_ops(fns: dict, names: list[str], device) -> dict:
 def timed(fns: dict, reps: int, device, seed: int, refs: dict, collect: bool = True) -> dict:
     wall, cpu = time_interleaved(fns, reps, 0, device, seed=seed, log=log, collect=collect)
     return summarize(wall, cpu, refs)
-
-
-# ----------------------------------------------------------------------------- memory --
-def memory_worker(jobs_json: str) -> None:
-    """Subprocess: for each job (tool, spec, weights file), build the model (when the job needs
-    another one than the last), warm the tool up on a short text-only prompt, and measure the
-    extra peak memory of one call on the job's inputs. One JSON line per job."""
-    job = json.loads(jobs_json)
-    torch.set_num_threads(job["threads"])
-    torch.set_flush_denormal(True)
-    dtype, device = DTYPES[job["dtype"]], torch.device(job["device"])
-    models, key = None, None
-    with torch.inference_mode():
-        for j in job["jobs"]:
-            spec = P.Spec(**j["spec"])
-            if (j["weights"], spec.with_(image_tokens=0, batch=0)) != key:
-                key, models = (j["weights"], spec.with_(image_tokens=0, batch=0)), None
-                gc.collect()
-                hf = P.build_hf(spec, dtype, device, weights=j["weights"])
-                tools = {i["tool"] for i in job["jobs"] if i["weights"] == j["weights"]}
-                models = P.Models(hf, private=len(tools) == 1)  # one tool: no copies at all
-                del hf
-            warm = P.make_inputs(spec.with_(batch=1), models.hf.config, dtype, device, text_only=True)
-            P.contender(j["tool"], models, warm)()
-            inp = P.make_inputs(spec, models.hf.config, dtype, device)
-            res = extra_peak(P.contender(j["tool"], models, inp), device)
-            res.update(tool=j["tool"], image_tokens=spec.image_tokens, batch=spec.batch, n_tokens=inp.n_tokens)
-            print("MEMORY " + json.dumps(res), flush=True)
-
-
-def run_memory(jobs: list[dict], args) -> list[dict]:
-    """Each job in a fresh subprocess (``--quick``: all jobs in one); jobs that share a
-    ``process`` key share one (the scaling curve of one tool)."""
-    groups: dict = {}
-    for i, j in enumerate(jobs):
-        groups.setdefault("all" if args.quick else j.get("process", i), []).append(j)
-    env = dict(os.environ, **MALLOC_ENV)
-    out = []
-    for group in groups.values():
-        payload = {"jobs": [{**j, "spec": vars(j["spec"])} for j in group], "dtype": args.dtype,
-                   "device": args.device, "threads": args.threads}
-        res = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(payload)],
-                             capture_output=True, text=True, env=env, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory worker failed for {[j['tool'] for j in group]}:\n{res.stderr[-4000:]}")
-        results = [json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("MEMORY ")]
-        for j, m in zip(group, results, strict=True):
-            m.update(section=j["section"], family=j["spec"].family)
-            out.append(m)
-            log(f"  memory {j['section']:<8} {m['tool']:<16} {m['image_tokens']:>5} image tokens, batch {m['batch']}: "
-                f"extra peak {m['extra_peak_mib']:9.1f} MiB (base {m['base_mib']:.0f})")
-    return out
 
 
 # ---------------------------------------------------------------------------- families --
@@ -323,42 +256,6 @@ def run_family(family: str, args, dtype, device, tmp: str, jobs: list) -> dict:
     return res
 
 
-def check_main(checks: Checks, out: dict) -> set[str]:
-    """Correctness rows of forward / patterns / knockout; returns the bridge knockouts whose
-    edit takes effect (those are timed)."""
-    ref = out["hf_sdpa"]
-    for k in ("mech", "hf_eager", "bridge"):
-        checks.add("forward", f"{k} logits vs HF sdpa", out[k], ref)
-    for k in ("mech_cache", "bridge_cache"):
-        checks.add("patterns", f"{k} patterns vs HF eager attentions", out[k][1], out["hf_eager_attn"][1], "pattern")
-    checks.add("knockout", "knockout changes the logits (mechvlm pre vs clean)", out["mech_ko_pre"], out["mech"],
-               expect="differ")
-    checks.add("knockout", "knockout changes the logits (mechvlm post vs clean)", out["mech_ko_post"], out["mech"],
-               expect="differ")
-    checks.add("knockout", "mechvlm pre_softmax_mask vs nnsight mask edit (HF sdpa)", out["mech_ko_pre"], out["nn_ko_pre"])
-    checks.add("knockout", "mechvlm pre_softmax_mask vs nnsight softmax-input edit (HF eager)", out["mech_ko_pre"],
-               out["nn_ko_pre_eager"])
-    checks.add("knockout", "mechvlm post_softmax_zero vs nnsight softmax-output edit (HF eager)",
-               out["mech_ko_post"], out["nn_ko_post"])
-    works = set()
-    for k, (point, nn_ref) in BRIDGE_KO.items():
-        warn = out.get("_warnings", {}).get(k, [])
-        effect = checks.add("knockout", f"bridge {point} edit changes the logits (vs bridge clean)", out[k],
-                            out["bridge"], expect="observed", note=" | ".join(warn)[:300])
-        if effect["max_abs_diff"] > effect["bound"]:
-            works.add(k)
-            checks.add("knockout", f"bridge {point} edit vs {nn_ref}", out[k], out[nn_ref])
-        else:
-            effect["note"] = (f"edit had no effect: max |Δlogits| = {effect['max_abs_diff']:.3g}; the bridge "
-                              f"discards it" + (f" (it warns: {warn[0][:160]})" if warn else ""))
-    return works
-
-
-def check_share(checks: Checks, out: dict, section: str, note: str = "") -> None:
-    for k in ("mech_share", "bridge_share"):
-        checks.add(section, f"{k} vs HF eager attentions -> share{note}", out[k], out["hf_eager_share"], "share")
-
-
 def run_scaling(args, dtype, device, tmp: str, jobs: list) -> dict | None:
     points = [int(x) for x in args.scaling.split(",") if x.strip()]
     if not points:
@@ -383,18 +280,21 @@ def run_scaling(args, dtype, device, tmp: str, jobs: list) -> dict | None:
             inp = P.make_inputs(spec.with_(image_tokens=n_img), hf.config, dtype, device)
             log(f"[scaling] {n_img} image tokens ({inp.n_tokens} in all): {r} rounds")
             out: dict = {}
-            if i == 0:  # the warm-up (later points run warm code)
-                fns = first_calls(SCALING, models, inp, out)
-                wall, cpu = time_interleaved(fns, r, 0, device, seed=args.seed + 2 + i, log=log,
-                                             collect=not args.quick)
+            names = SCALING + (SCALING_KO if n_img >= args.scaling_knockout_from else [])
+            if i == 0:  # the warm-up of every contender (later points run warm code)
+                fns = first_calls(SCALING + SCALING_KO, models, inp, out)
+                fns = {n: fns[n] for n in names}
             else:
-                fns = {n: (P.LABELS[n], P.contender(n, models, inp)) for n in SCALING}
-                wall, cpu = time_interleaved(_keeping_first(fns, out), r, 0, device, seed=args.seed + 2 + i,
-                                             log=log, collect=not args.quick)
-            check_share(checks, out, "scaling", f" at {n_img} image tokens")
+                fns = _keeping_first({n: (P.LABELS[n], P.contender(n, models, inp)) for n in names}, out)
+            wall, cpu = time_interleaved(fns, r, 0, device, seed=args.seed + 2 + i, log=log, collect=not args.quick)
+            note = f" at {n_img} image tokens"
+            check_share(checks, out, "scaling", note)
+            if "mech_ko_pre" in out and "nn_ko_pre" in out:
+                check_knockout_scaling(checks, out, note)
+            refs = {k: ["hf_eager", "hf_eager_share"] for k in SCALING}
+            refs.update({k: ["hf_eager", "mech_ko_pre"] for k in SCALING_KO})
             res["points"].append({"image_tokens": n_img, "n_tokens": inp.n_tokens, "rounds": r,
-                                  "time": summarize(wall, cpu, {k: ["hf_eager", "hf_eager_share"]
-                                                                for k in SCALING})})
+                                  "time": summarize(wall, cpu, refs)})
             del out, fns
             gc.collect()
     res["correctness"] = checks.rows
@@ -418,11 +318,14 @@ def _keeping_first(fns: dict, out: dict) -> dict:
 # ------------------------------------------------------------------------------- main --
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.memory_worker:
-        memory_worker(args.memory_worker)
-        return {}
     import transformers
     from _peers_report import targets, write_markdown
+
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["targets"] = targets(result)
+        write_markdown(result, Path(args.out_dir) / "RESULTS.md")
+        return result
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -435,7 +338,7 @@ def main(argv=None) -> dict:
         from importlib.metadata import version
         info[lib] = version(lib)
     info["affinity"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    result = {"benchmark": "compare_peers", "machine": info, "quick": args.quick,
+    result = {"benchmark": "compare_peers", "machine": info, "quick": args.quick, "machine_note": args.machine_note,
               "setup": {k: getattr(args, k) for k in ("device", "dtype", "full_depth", "layers", "image_tokens",
                                                        "batch", "reps", "share_reps", "scaling", "scaling_reps",
                                                        "scaling_layers", "threads", "seed")},
@@ -449,7 +352,7 @@ def main(argv=None) -> dict:
         gc.collect()
         if jobs:
             log(f"memory: {len(jobs)} measures")
-            for m in run_memory(jobs, args):
+            for m in run_memory(jobs, args, log=log):
                 if m["section"] == "scaling":
                     pt = next(p for p in result["scaling"]["points"] if p["image_tokens"] == m["image_tokens"])
                     pt.setdefault("memory", {})[m["tool"]] = m
