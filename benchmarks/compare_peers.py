@@ -35,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -342,7 +343,7 @@ def main(argv=None) -> dict:
               "setup": {k: getattr(args, k) for k in ("device", "dtype", "full_depth", "layers", "image_tokens",
                                                        "batch", "reps", "share_reps", "scaling", "scaling_reps",
                                                        "scaling_layers", "threads", "seed")},
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "families": {}}
+              "command": shlex.join([Path(sys.executable).name, *sys.argv]), "families": {}}
     jobs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="compare_peers_") as tmp:
         for family in args.families.split(","):
