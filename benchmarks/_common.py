@@ -1,12 +1,18 @@
-"""Shared by the benchmark scripts: machine facts and the seeded weight init."""
+"""Shared by the benchmark scripts: machine facts, the seeded weight init, interleaved
+timing with paired ratios, and the extra peak memory of one call."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import platform
+import random
+import re
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -70,3 +76,83 @@ def init_weights_(model: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)
             else:  # drawn in fp32 then cast: the same weights whatever the dtype
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g))
+
+
+# ------------------------------------------------------------------------------ timing --
+def sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(contenders: dict, reps: int, warmup: int, device: torch.device, seed: int = 0,
+                     log=print, collect: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process-CPU ms per call of ``contenders`` (``{key: (label, fn)}``),
+    ``reps`` rounds, each in a new (seeded) random order: no contender is always first, nor
+    always preceded by the same one. ``collect``: a full ``gc.collect()`` before each call
+    (untimed; it can take a good fraction of a second with large libraries loaded)."""
+    keys = list(contenders)
+    wall = {k: [] for k in keys}
+    cpu = {k: [] for k in keys}
+    rng = random.Random(seed)
+    for r in range(-warmup, reps):
+        order = rng.sample(keys, len(keys))
+        t_round = time.perf_counter()
+        for k in order:
+            if collect:
+                gc.collect()
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = contenders[k][1]()
+            sync(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            del out
+            if r >= 0:
+                wall[k].append(dt * 1e3)
+                cpu[k].append(dc * 1e3)
+        label = "warmup" if r < 0 else f"round {r + 1}/{reps}"
+        log(f"  {label}: {time.perf_counter() - t_round:.1f}s", flush=True)
+    return wall, cpu
+
+
+def paired_ratios(ta: list[float], tb: list[float]) -> dict:
+    """``a / b`` from samples taken in the same rounds: ratio of medians, of mins, and the
+    median (and range) of the per-round ratios, the estimate least moved by a drifting load."""
+    per_round = [x / y for x, y in zip(ta, tb)]
+    return {"ratio_of_medians": statistics.median(ta) / statistics.median(tb),
+            "ratio_of_mins": min(ta) / min(tb),
+            "median_of_paired_ratios": statistics.median(per_round),
+            "paired_ratio_min": min(per_round), "paired_ratio_max": max(per_round)}
+
+
+# ------------------------------------------------------------------------------ memory --
+#: environment for a memory-measuring subprocess: glibc serves allocations >= 128 KiB with
+#: mmap and returns them to the OS when freed, so RSS falls back after each call
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def extra_peak(fn, device: torch.device | str = "cpu") -> dict:
+    """Run ``fn()`` once and return its extra peak memory over what was held before it.
+
+    CPU: the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the RSS
+    right before the call; CUDA: the allocator's peak minus the memory allocated before.
+    Run it in a fresh process that holds only what ``fn`` needs (see ``MALLOC_ENV``)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return {"extra_peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+                "base_mib": before / 2**20, "kind": "cuda allocator"}
+    before = rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    peak = rss_kb("VmHWM")
+    return {"extra_peak_mib": (peak - before) / 1024, "base_mib": before / 1024, "kind": "rss"}

@@ -52,10 +52,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -70,7 +68,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import available_cores, init_weights_, machine_info  # noqa: E402
+from _common import (  # noqa: E402
+    available_cores,
+    init_weights_,
+    machine_info,
+    paired_ratios,
+    sync,
+    time_interleaved,
+)
 
 TARGET_UNHOOKED_RATIO = 1.03
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -221,47 +226,7 @@ def check_agreement(contenders, n_layers: int) -> dict:
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(contenders: dict, reps: int, warmup: int, device: torch.device, seed: int = 0,
-                     log=print) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process-CPU ms per call, ``reps`` rounds, each in a new (seeded) random
-    order: no contender is always first, nor always preceded by the same one."""
-    keys = list(contenders)
-    wall = {k: [] for k in keys}
-    cpu = {k: [] for k in keys}
-    rng = random.Random(seed)
-    for r in range(-warmup, reps):
-        order = rng.sample(keys, len(keys))
-        t_round = time.perf_counter()
-        for k in order:
-            gc.collect()
-            sync(device)
-            c0, t0 = time.process_time(), time.perf_counter()
-            out = contenders[k][1]()
-            sync(device)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            del out
-            if r >= 0:
-                wall[k].append(dt * 1e3)
-                cpu[k].append(dc * 1e3)
-        label = "warmup" if r < 0 else f"round {r + 1}/{reps}"
-        log(f"  {label}: {time.perf_counter() - t_round:.1f}s", flush=True)
-    return wall, cpu
-
-
 # ------------------------------------------------------------------------- reporting --
-def _ratios(ta: list[float], tb: list[float]) -> dict:
-    per_round = [x / y for x, y in zip(ta, tb)]
-    return {"ratio_of_medians": statistics.median(ta) / statistics.median(tb),
-            "ratio_of_mins": min(ta) / min(tb),
-            "median_of_paired_ratios": statistics.median(per_round),
-            "paired_ratio_min": min(per_round), "paired_ratio_max": max(per_round)}
-
-
 def summarize(wall: dict, cpu: dict, contenders: dict) -> tuple[dict, dict]:
     rows = {}
     for k, ts in wall.items():
@@ -273,8 +238,8 @@ def summarize(wall: dict, cpu: dict, contenders: dict) -> tuple[dict, dict]:
     for a, b, what in PAIRS:
         if a not in wall or b not in wall:
             continue
-        entry = {"what": what, "mechvlm": a, "hf": b, **_ratios(wall[a], wall[b]),
-                 "cpu": _ratios(cpu[a], cpu[b])}
+        entry = {"what": what, "mechvlm": a, "hf": b, **paired_ratios(wall[a], wall[b]),
+                 "cpu": paired_ratios(cpu[a], cpu[b])}
         ma, mb = rows[a]["median_ms"], rows[b]["median_ms"]
         if vision is not None and mb > vision:
             entry["lm_only_ratio_of_medians"] = (ma - vision) / (mb - vision)

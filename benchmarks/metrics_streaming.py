@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import init_weights_  # noqa: E402
+from _common import MALLOC_ENV, extra_peak, init_weights_  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -153,38 +152,19 @@ def build_for(names, args, device, dtype):
 
 
 # ----------------------------------------------------------------------------- memory --
-def _rss_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def measure_memory_here(name: str, args) -> dict:
-    import gc
-
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     hfs, model = build_for([name], args, device, dtype)
     batch = build_inputs(args, device)
     fn = contender(name, model, hfs.get(name), batch)
-    gc.collect()
     with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            fn()
-            torch.cuda.synchronize()
-            return {"extra_peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
-                    "base_mib": before / 2**20, "kind": "cuda allocator"}
-        before = _rss_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        fn()
-        peak = _rss_kb("VmHWM")
-    return {"extra_peak_mib": (peak - before) / 1024, "base_mib": before / 1024, "kind": "rss"}
+        return extra_peak(fn, device)
 
 
 def measure_memory(args, argv) -> dict:
     out = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, **MALLOC_ENV)
     for name in CONTENDERS:
         cmd = [sys.executable, __file__, *argv, "--measure-memory-of", name]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)

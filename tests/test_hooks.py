@@ -258,3 +258,27 @@ def test_gradients_flow_through_hooks_not_into_vision(qwen_hf, image_batch):
     assert grads["hook_image_embeds"].grad.abs().sum() > 0
     assert model.blocks[0].attn.q_proj.weight.grad is not None
     assert all(p.grad is None for p in model.vision.parameters())
+
+
+def test_mlp_frees_the_gate_preactivation_before_up_proj(qwen_model, image_batch):
+    """As HF's ``down(act(gate(x)) * up(x))``: when ``up(x)`` is computed the gate
+    pre-activation is already freed (a forward holds at most three [pos, d_mlp] tensors, the
+    peak memory of HF's MLP), and the MLP hooks still fire in the order pre, pre_linear, post."""
+    import weakref
+
+    mlp = qwen_model.blocks[0].mlp
+    gate_out, order = [], []
+    alive_at_up = []
+    h1 = mlp.gate_proj.register_forward_hook(lambda m, i, o: gate_out.append(weakref.ref(o)))
+    h2 = mlp.up_proj.register_forward_pre_hook(lambda m, i: alive_at_up.append(gate_out[-1]() is not None))
+    hooks = [(f"blocks.0.mlp.{n}", lambda t, hook, n=n: order.append(n)) for n in ("hook_pre", "hook_pre_linear",
+                                                                                    "hook_post")]
+    try:
+        with torch.no_grad():
+            qwen_model(**image_batch, return_type=None)
+            assert alive_at_up == [False]
+            qwen_model.run_with_hooks(**image_batch, return_type=None, fwd_hooks=hooks)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert order == ["hook_pre", "hook_pre_linear", "hook_post"]

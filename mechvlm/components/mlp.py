@@ -34,9 +34,10 @@ class GatedMLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(self.gate_proj(x))
-        pre_linear = self.hook_pre_linear(self.up_proj(x))
-        post = self.hook_post(self.act(pre) * pre_linear)
+        # As HF's one-liner: the gate pre-activation is dropped once activated, before up(x) is
+        # computed, so at most three [pos, d_mlp] tensors are alive (holding it made four).
+        activated = self.act(self.hook_pre(self.gate_proj(x)))
+        post = self.hook_post(activated * self.hook_pre_linear(self.up_proj(x)))
         return self.down_proj(post)
 
     @property

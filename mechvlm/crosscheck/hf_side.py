@@ -90,10 +90,11 @@ class EagerTwin:
         return Run(logits=out[0], embed=embed[0], resid_post=resid, final_norm=final, patterns=patterns)
 
     @torch.no_grad()
-    def run_knockout(self, hf_kwargs: dict, cut: Tensor, mode: str) -> Run:
+    def run_knockout(self, hf_kwargs: dict, cut: Tensor, mode: str, *, save_patterns: bool = True) -> Run:
         """Logits with ``cut`` ``[batch, 1, q, k]`` (True = remove) knocked out in every
         layer: zeroed after the softmax (``post_softmax_zero``, no renormalisation) or
-        set to ``finfo.min`` in the scores before it (``pre_softmax_mask``)."""
+        set to ``finfo.min`` in the scores before it (``pre_softmax_mask``).
+        ``save_patterns=False``: only the logits are kept (the edited patterns are not)."""
         if mode not in ("post_softmax_zero", "pre_softmax_mask"):
             raise ValueError(f"unknown knockout mode {mode!r}")
         out, patterns = [], []
@@ -106,7 +107,8 @@ class EagerTwin:
                 else:
                     scores = sm.input
                     sm.input = scores.masked_fill(cut, torch.finfo(scores.dtype).min)
-                patterns.append(layers[l].self_attn.output[1].save())
+                if save_patterns:
+                    patterns.append(layers[l].self_attn.output[1].save())
             out.append(self.model.output.logits.save())
         return Run(logits=out[0], patterns=patterns)
 
