@@ -112,13 +112,18 @@ def _crosscheck(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
 def _report(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .report import ReportConfig, run_report
 
     cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=args.device,
                        dtype=args.dtype, out=args.out, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
+                       **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
     run_report(cfg)
     return 0
 
@@ -150,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
     rep.add_argument("--batch-size", type=int, default=16)
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rep.add_argument("--analyses", default=None, metavar="NAME[,NAME...]",
+                     help="optional report sections (mechvlm.report.sections.ANALYSES), e.g. logit_lens")
+    rep.add_argument("--conditions", default=None, metavar="NAME[,NAME...]",
+                     help="MMBench conditions (default: the five of seed 000 Table 1; "
+                          "mechvlm.mmbench.conditions.CONDITIONS and registered parsers)")
     rep.set_defaults(fn=_report)
     mk = sub.add_parser("make-mmbench", help="write the synthetic benchmark as an MMBench TSV")
     mk.add_argument("--out", required=True)

@@ -85,3 +85,28 @@ def test_report_on_a_local_random_gemma3_directory(tmp_path):
 def test_report_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["report", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), "--no-progress"])
+
+
+def test_report_optional_sections_and_chosen_conditions(tmp_path):
+    from mechvlm import HookedVLM, logit_lens
+    from mechvlm.report.run import metric_batches
+
+    res = _run(tmp_path, "--limit", "4", "--batch-size", "2", "--analyses", "logit_lens",
+               "--conditions", "none,text->image:pre_softmax_mask")
+    assert set(res["knockout"]) == {"none", "text→image:pre_softmax_mask"}
+    lens = res["analyses"]["logit_lens"]
+    # independent of the report plumbing: the metric called directly on the same batches
+    model = HookedVLM.from_pretrained(str(SHIPPED["qwen2_5_vl"]))
+    builder = InputBuilder.from_pretrained(SHIPPED["qwen2_5_vl"])
+    direct = logit_lens(model, list(metric_batches(builder, load_mmbench(SHIPPED_TSV)[:4], 2)),
+                        positions="image", k=5, progress=False).to_dict()
+    assert lens["top_ids"] == direct["top_ids"].tolist()
+    assert "Logit lens on the image tokens" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_report_unknown_section_or_condition_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown report analysis 'nope'.*logit_lens"):
+        main(["report", "--model", str(tmp_path / "missing"), "--analyses", "nope", "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="unknown condition 'text->nothing'"):
+        main(["report", "--conditions", "text->nothing", "--limit", "2", "--out", str(tmp_path / "r2"),
+              "--no-progress"])

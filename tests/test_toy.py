@@ -117,3 +117,25 @@ def test_saved_toy_loads_like_a_checkpoint(tmp_path):
         ref = model.eval()(**hf_kw).logits
     torch.testing.assert_close(hooked(**batch), ref, atol=1e-5, rtol=0)
     assert builder.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_scene_object_masks_are_the_painted_pixels_on_the_token_grid():
+    import numpy as np
+
+    from mechvlm.toy.scenes import BACKGROUND, CELL, GRID, make_scenes
+
+    for scene in make_scenes(20, seed=5, categories=("color", "size", "position", "count", "shape")):
+        painted = (scene.image != BACKGROUND).any(-1)  # independent of the mask bookkeeping
+        assert (scene.object_mask == painted).all()
+        cov = scene.token_coverage()
+        for r in range(GRID):
+            for c in range(GRID):
+                cell = painted[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+                assert abs(cov[r, c] - cell.mean()) < 1e-12
+        assert (scene.token_mask(threshold=0) == (cov > 0)).all()
+        if scene.category == "count":
+            assert len(scene.object_masks) == scene.options.index(scene.answer) + 1
+    with pytest.raises(ValueError, match="threshold"):
+        scene.token_mask(threshold=2)
+    one = make_scenes(1, seed=5)[0]
+    assert np.isclose(one.token_coverage(2).mean(), one.object_mask.mean())

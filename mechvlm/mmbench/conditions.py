@@ -66,6 +66,31 @@ def _knockouts() -> list[Condition]:
 
 CONDITIONS: dict[str, Condition] = {c.name: c for c in [Condition("none", "none"), *_knockouts()]}
 
+#: Parametrised conditions by name prefix: ``"PREFIX:ARGS"`` resolves to ``parser("ARGS")``
+#: (e.g. an analysis module registers ``"skip"`` so that ``"skip:mlp:0-8"`` names a condition).
+CONDITION_PARSERS: dict[str, Callable[[str], Condition]] = {}
+
+
+def register_condition_parser(prefix: str, parser: Callable[[str], Condition]) -> None:
+    """Make ``"prefix:args"`` a condition name for `resolve_conditions` (and ``mechvlm report
+    --conditions``); ``parser(args)`` returns the `Condition` (named as given)."""
+    if prefix in CONDITION_PARSERS or any(n.split(":")[0] == prefix for n in CONDITIONS):
+        raise ValueError(f"condition prefix {prefix!r} is taken")
+    CONDITION_PARSERS[prefix] = parser
+
+
+def condition_by_name(name: str) -> Condition:
+    """A fixed condition of `CONDITIONS` (``"->"`` accepted for ``"→"``) or a registered
+    parametrised one; unknown names raise and list what is known."""
+    fixed = name.replace("->", "→")
+    if fixed in CONDITIONS:
+        return CONDITIONS[fixed]
+    prefix, sep, args = name.partition(":")
+    if sep and prefix in CONDITION_PARSERS:
+        return CONDITION_PARSERS[prefix](args)
+    known = list(CONDITIONS) + [f"{p}:..." for p in CONDITION_PARSERS]
+    raise ValueError(f"unknown condition {name!r}; known: {known}")
+
 
 def resolve_conditions(conditions: None | str | Iterable | Mapping) -> dict[str, Condition]:
     """Normalise the ``conditions`` argument of `evaluate`.
@@ -91,10 +116,7 @@ def resolve_conditions(conditions: None | str | Iterable | Mapping) -> dict[str,
         return out
     for c in conditions:
         if isinstance(c, str):
-            name = c.replace("->", "→")
-            if name not in CONDITIONS:
-                raise ValueError(f"unknown condition {c!r}; known: {list(CONDITIONS)}")
-            c = CONDITIONS[name]
+            c = condition_by_name(c)
         if not isinstance(c, Condition):
             raise TypeError(f"expected a condition name or a Condition, got {type(c).__name__}")
         out[c.name] = c

@@ -70,8 +70,10 @@ def label_of(results: dict) -> str:
     return Path(results["model"]).name
 
 
-def write_outputs(results: dict, share, received, out: Path, examples: list[str] = ()) -> None:
-    """Write report.html, results.json and the MMBench CSVs into ``out``."""
+def write_outputs(results: dict, share, received, out: Path, examples: list[str] = (),
+                  sections: list = (), ctx=None) -> None:
+    """Write report.html, results.json and the MMBench CSVs into ``out``. ``sections``:
+    ``[(AnalysisSection, result), ...]`` drawn after the seed-000 part."""
     from ..viz import Page, fig_attention_share, fig_knockout, fig_received_attention
 
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,8 @@ def write_outputs(results: dict, share, received, out: Path, examples: list[str]
         page.add_heading("Examples: attention of the text tokens on the image (head mean)")
         for fragment in examples:
             page.add_html(fragment)
+    for section, result in sections:
+        section.render(result, page, ctx)
     page.save(out / "report.html")
 
 

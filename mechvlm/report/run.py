@@ -44,6 +44,7 @@ class ReportConfig:
     batch_size: int = 16
     max_new_tokens: int = 4
     conditions: tuple[str, ...] = tuple(CONDITIONS)
+    analyses: tuple[str, ...] = ()  # optional sections (`mechvlm.report.sections.ANALYSES`)
     progress: bool = True
 
     def model_dir(self) -> Path:
@@ -77,7 +78,10 @@ def run_report(cfg: ReportConfig) -> dict:
     results dict (the JSON's content)."""
     from .render import print_summary, write_outputs
 
+    from .sections import ReportContext, resolve_analyses
+
     t0 = time.time()
+    sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
     model, builder = load(cfg)
     items = load_mmbench(cfg.tsv())
     if cfg.limit is not None:
@@ -98,7 +102,11 @@ def run_report(cfg: ReportConfig) -> dict:
         "knockout": knockout, "wall_s": None,
     }
     examples = example_heatmaps(model, builder, items)
+    ctx = ReportContext(model=model, builder=builder, items=items, batches=batches, out=Path(cfg.out),
+                        progress=cfg.progress, batch_size=cfg.batch_size)
+    computed = [(s, s.compute(ctx)) for s in sections]
+    results["analyses"] = {s.name: r.to_dict() for s, r in computed}
     results["wall_s"] = round(time.time() - t0, 2)
-    write_outputs(results, share, received, Path(cfg.out), examples)
+    write_outputs(results, share, received, Path(cfg.out), examples, sections=computed, ctx=ctx)
     print_summary(results, Path(cfg.out))
     return results

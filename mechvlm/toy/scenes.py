@@ -64,11 +64,43 @@ class Scene:
     options: list[str]
     answer: str
     hint: str | None = None
+    #: one bool ``[IMAGE_SIZE, IMAGE_SIZE]`` pixel mask per painted shape (the ground truth
+    #: of where the objects are; several for ``count`` scenes)
+    object_masks: list[np.ndarray] = dataclasses.field(default_factory=list, repr=False)
 
     def pil_image(self):
         from PIL import Image
 
         return Image.fromarray(self.image)
+
+    @property
+    def object_mask(self) -> np.ndarray:
+        """bool ``[IMAGE_SIZE, IMAGE_SIZE]``: pixels covered by any object."""
+        out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+        for m in self.object_masks:
+            out |= m
+        return out
+
+    def token_coverage(self, grid: int = GRID) -> np.ndarray:
+        """float ``[grid, grid]``: the fraction of each image-token cell covered by an object.
+
+        Cell ``(r, c)`` is the square of side ``IMAGE_SIZE / grid`` at row ``r``, column ``c``;
+        with the default ``grid`` it is exactly one LM image token of both shipped toys
+        (Qwen2.5-VL: a merged 2x2 patch block of 28 px; Gemma3: a pooled 28 px cell), in the
+        row-major order of `TokenRoles.grid_row` / ``grid_col``.
+        """
+        if IMAGE_SIZE % grid:
+            raise ValueError(f"grid {grid} does not divide the image size {IMAGE_SIZE}")
+        side = IMAGE_SIZE // grid
+        return self.object_mask.reshape(grid, side, grid, side).mean(axis=(1, 3))
+
+    def token_mask(self, grid: int = GRID, threshold: float = 0.5) -> np.ndarray:
+        """bool ``[grid, grid]``: cells at least ``threshold`` covered (see `token_coverage`);
+        ``threshold=0`` marks every cell an object touches."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        cov = self.token_coverage(grid)
+        return cov > 0 if threshold == 0 else cov >= threshold
 
 
 def _canvas(rng: np.random.Generator) -> np.ndarray:
@@ -92,20 +124,22 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, color: str) -> None:
+def _paint(img: np.ndarray, mask: np.ndarray, color: str, masks: list[np.ndarray]) -> None:
     img[mask] = COLORS[color]
+    masks.append(mask)
 
 
 def make_scene(category: str, rng: np.random.Generator, *, hint_prob: float = 0.25) -> Scene:
     """Draw a random scene of ``category``; its question has four candidate answers."""
     py = random.Random(int(rng.integers(2 ** 31)))
     img = _canvas(rng)
+    masks: list[np.ndarray] = []
     shape = py.choice(SHAPES)
     color = py.choice(list(COLORS))
     if category in ("color", "shape"):
         r = py.uniform(22, 30)
         cx, cy = py.uniform(r + 4, IMAGE_SIZE - r - 4), py.uniform(r + 4, IMAGE_SIZE - r - 4)
-        _paint(img, _shape_mask(shape, cx, cy, r), color)
+        _paint(img, _shape_mask(shape, cx, cy, r), color, masks)
         if category == "color":
             others = [c for c in COLORS if c != color]
             options, answer = [color] + py.sample(others, 3), color
@@ -116,7 +150,7 @@ def make_scene(category: str, rng: np.random.Generator, *, hint_prob: float = 0.
         r = py.uniform(*SIZES[size])
         shape = py.choice(("circle", "square"))  # compact shapes: area follows the size
         cx, cy = py.uniform(r + 2, IMAGE_SIZE - r - 2), py.uniform(r + 2, IMAGE_SIZE - r - 2)
-        _paint(img, _shape_mask(shape, cx, cy, r), color)
+        _paint(img, _shape_mask(shape, cx, cy, r), color, masks)
         options, answer = list(SIZES), size
     elif category == "position":
         q = py.randrange(4)
@@ -124,19 +158,19 @@ def make_scene(category: str, rng: np.random.Generator, *, hint_prob: float = 0.
         r = py.uniform(14, 20)
         cx = (q % 2) * half + py.uniform(r + 2, half - r - 2)
         cy = (q // 2) * half + py.uniform(r + 2, half - r - 2)
-        _paint(img, _shape_mask(shape, cx, cy, r), color)
+        _paint(img, _shape_mask(shape, cx, cy, r), color, masks)
         options, answer = list(POSITIONS), POSITIONS[q]
     elif category == "count":
         n = py.randint(1, 4)
         for cell in py.sample(range(GRID * GRID), n):  # one shape per token cell
             cx = (cell % GRID + 0.5) * CELL + py.uniform(-2, 2)
             cy = (cell // GRID + 0.5) * CELL + py.uniform(-2, 2)
-            _paint(img, _shape_mask(shape, cx, cy, py.uniform(9, 12)), color)
+            _paint(img, _shape_mask(shape, cx, cy, py.uniform(9, 12)), color, masks)
         options, answer = list(COUNTS), COUNTS[n - 1]
     else:
         raise ValueError(f"unknown category {category!r}; known: {ALL_CATEGORIES}")
     hint = py.choice(HINTS) if py.random() < hint_prob else None
-    return Scene(img.astype(np.uint8), category, QUESTIONS[category], options, answer, hint)
+    return Scene(img.astype(np.uint8), category, QUESTIONS[category], options, answer, hint, masks)
 
 
 def make_scenes(n: int, seed: int, categories=CATEGORIES, **kw) -> list[Scene]:

@@ -1,0 +1,76 @@
+"""Optional sections of ``mechvlm report``: ``--analyses NAME[,NAME...]``.
+
+A section is one analysis run on the report's model and items and drawn on its page. Each
+lives in a module of this package and is registered in `ANALYSES` by `register_analysis`;
+the report runs the requested ones after the seed-000 pipeline and stores each result's
+``to_dict()`` under ``results["analyses"][name]``.
+
+A section supplies:
+
+* ``compute(ctx: ReportContext) -> result``: the analysis (a result dataclass with
+  ``to_dict()``); it shows a progress bar when ``ctx.progress`` and loops over
+  ``ctx.batches`` (or ``ctx.items``) itself.
+* ``render(result, page, ctx)``: headings, figures and tables on the `mechvlm.viz.Page`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ReportContext:
+    """What a section may use. ``batches`` are the left-padded seed-prompt batches (with
+    images) of ``items``, built once and shared by every section."""
+
+    model: Any
+    builder: Any
+    items: Sequence
+    batches: list[dict]
+    out: Path
+    progress: bool = True
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    name: str
+    title: str
+    description: str
+    compute: Callable[[ReportContext], Any]
+    render: Callable[[Any, Any, ReportContext], None]
+
+
+ANALYSES: dict[str, AnalysisSection] = {}
+
+
+def register_analysis(section: AnalysisSection) -> AnalysisSection:
+    if section.name in ANALYSES:
+        raise ValueError(f"report section {section.name!r} is registered twice")
+    ANALYSES[section.name] = section
+    return section
+
+
+def resolve_analyses(names: Iterable[str] | str | None) -> list[AnalysisSection]:
+    """Sections by name (a list, or one comma-separated string); unknown names raise and
+    list the known ones."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    out = []
+    for n in names:
+        n = n.strip()
+        if not n:
+            continue
+        if n not in ANALYSES:
+            raise ValueError(f"unknown report analysis {n!r}; known: {', '.join(sorted(ANALYSES))}")
+        out.append(ANALYSES[n])
+    return out
+
+
+# the built-in sections register themselves on import (one module per analysis)
+from . import logit_lens as _logit_lens  # noqa: E402,F401
