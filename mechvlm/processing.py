@@ -142,6 +142,42 @@ class InputBuilder:
             i += len(ims)
         return {**self.encode(prompts, per_prompt), **tensors}
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes a chat turn (Qwen ``<|im_end|>``, Gemma3 ``<end_of_turn>``)."""
+        token = "<|im_end|>" if self.model_type == "qwen2_5_vl" else "<end_of_turn>"
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token")
+        return tid
+
+    def with_targets(self, prompts: list[str], images: list[list[Any]] | None, targets: list[str], *,
+                     end_turn: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+        """A batch whose rows are the prompt, then ``targets[i]`` as the model's answer (and the
+        end-of-turn token), left-padded; plus the ``[batch, pos]`` bool mask of the answer
+        tokens (the end-of-turn included), for `mechvlm.losses.next_token_loss`.
+
+        The prompt and the answer are tokenised separately, so the mask is exact whatever the
+        tokenizer merges."""
+        if len(targets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        base = self(prompts, images)
+        tails = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + ([self.end_of_turn_id] if end_turn else [])
+                 for t in targets]
+        ids, am = base["input_ids"], base["attention_mask"]
+        rows = [ids[i][am[i].bool()].tolist() for i in range(len(prompts))]
+        width = max(len(r) + len(t) for r, t in zip(rows, tails))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = torch.full((len(rows), width), pad, dtype=ids.dtype)
+        mask = torch.zeros(len(rows), width, dtype=am.dtype)
+        target = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (r, t) in enumerate(zip(rows, tails)):
+            n = len(r) + len(t)
+            out[i, width - n:] = torch.tensor(r + t, dtype=ids.dtype)
+            mask[i, width - n:] = 1
+            target[i, width - len(t):] = True
+        return {**base, "input_ids": out, "attention_mask": mask}, target
+
     def decode(self, ids: list[int] | Tensor) -> str:
         """Generated ids -> text, special tokens skipped."""
         if isinstance(ids, torch.Tensor):
