@@ -18,6 +18,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
+from mechvlm.kv_cache import VLMKeyValueCache, keeps_positions
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     ModelFamily,
@@ -145,6 +146,7 @@ class HookedVLM(HookedRootModule):
         spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
+    @keeps_positions
     def forward(
         self,
         input_ids: Int[Tensor, "batch pos"],
@@ -155,6 +157,7 @@ class HookedVLM(HookedRootModule):
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
+        past_kv_cache: VLMKeyValueCache | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
@@ -165,9 +168,19 @@ class HookedVLM(HookedRootModule):
         ``image_embeds``: the vision encoder's output for these ``pixel_values``
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
         ``hook_image_embeds`` still sees and may edit it.
+        ``past_kv_cache``: a `mechvlm.kv_cache.VLMKeyValueCache`. Empty, the forward is a
+        prefill that fills it; else ``input_ids`` are new text tokens after the cached ones
+        (returns their logits only) and ``attention_mask``, if given, covers the new tokens
+        or the whole sequence. See `mechvlm.kv_cache` for what hooks see and what is cached.
         """
-        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids)
+        offset = past_kv_cache.length if past_kv_cache is not None else 0
+        if offset:
+            inputs, new_mask = past_kv_cache.continuation_inputs(
+                self.cfg, input_ids, attention_mask, self.device, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, image_embeds=image_embeds, token_type_ids=token_type_ids)
+        else:
+            inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                         token_type_ids)
         ids = inputs.input_ids
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
@@ -183,9 +196,11 @@ class HookedVLM(HookedRootModule):
         x = self.hook_embed(x)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
         rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
-        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids)
+        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids, offset)
         for l, block in enumerate(self.blocks):
-            x = block(x, rope[self.cfg.layer_types[l]], mask)
+            x = block(x, rope[self.cfg.layer_types[l]], mask, None if past_kv_cache is None else past_kv_cache[l])
+        if past_kv_cache is not None:
+            past_kv_cache.record(inputs, new_mask if offset else attention_mask, prefill=not offset)
         x = self.ln_final(x)
         if return_type is None:
             return None
@@ -200,6 +215,23 @@ class HookedVLM(HookedRootModule):
             raise RuntimeError("this HookedVLM has no vision encoder")
         grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
         return self.vision(pixel_values.to(self.device), grid)
+
+    @torch.no_grad()
+    def generate(self, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 return_type: str | None = "input", verbose: bool = True, **kwargs):
+        """TransformerLens' ``generate`` (same arguments and defaults: it samples unless
+        ``do_sample=False``) over a KV cache, hooks included; ``input`` may also be a batch
+        mapping with images. See `mechvlm.tl_generate.tl_generate` for every argument
+        (``fwd_hooks``, ``seed``, ``output_logits``, ``attention_mask``, ...)."""
+        from mechvlm.tl_generate import tl_generate
+
+        return tl_generate(self, input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
+                           temperature, freq_penalty, use_past_kv_cache=use_past_kv_cache,
+                           prepend_bos=prepend_bos, padding_side=padding_side, return_type=return_type,
+                           verbose=verbose, **kwargs)
 
     # ------------------------------------------------------------------ hooks / cache --
     def set_use_attn_result(self, use: bool) -> None:

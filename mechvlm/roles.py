@@ -86,6 +86,31 @@ class TokenRoles:
         kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
         return TokenRoles(**kw)
 
+    def extend(self, n_new: int) -> "TokenRoles":
+        """The roles after ``n_new`` generated tokens are appended to every row.
+
+        Generated tokens are real text after the prompt: ``text`` in a row that holds an
+        image (or an image-start token), ``prefix`` in an image-free row (as `compute_roles`
+        labels the extended ids), never image / EOI / image_start / BOS / pad; ``last`` moves
+        to the final new token. Grid fields are -1 there."""
+        if n_new < 0:
+            raise ValueError(f"n_new must be >= 0, got {n_new}")
+        if n_new == 0:
+            return self
+        b = self.shape[0]
+        dev = self.image.device
+        no = torch.zeros(b, n_new, dtype=torch.bool, device=dev)
+        visual = (self.image | self.image_start).any(-1, keepdim=True).expand(b, n_new)
+        new = {"image": no, "eoi": no, "image_start": no, "bos": no, "pad": no, "real": ~no,
+               "text": visual, "prefix": ~visual}
+        kw = {name: torch.cat([getattr(self, name), new[name]], dim=1) for name in new}
+        kw["last"] = torch.cat([torch.zeros_like(self.last), no], dim=1)
+        kw["last"][:, -1] = True
+        for name in ("image_index", "grid_t", "grid_row", "grid_col"):
+            t = getattr(self, name)
+            kw[name] = torch.cat([t, t.new_full((b, n_new), -1)], dim=1)
+        return TokenRoles(**kw, spans=list(self.spans))
+
     def counts(self) -> dict[str, list[int]]:
         """Tokens per role and row (a quick sanity view)."""
         return {r: getattr(self, r).sum(-1).tolist() for r in ROLE_NAMES}

@@ -35,9 +35,10 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask) -> Float[Tensor, "batch pos d_model"]:
+                mask: AttentionMask, kv_cache=None) -> Float[Tensor, "batch pos d_model"]:
+        """``kv_cache``: this layer's KV-cache entry (see `Attention.forward`), or None."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.attn(self.ln1(resid_pre), rope, mask)
+        attn_out = self.attn(self.ln1(resid_pre), rope, mask, kv_cache)
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))

@@ -8,7 +8,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from mechvlm.interventions._common import Hooks, OnDevice, head_selector, layer_names
+from mechvlm.components.post_softmax import PostSoftmaxCut
+from mechvlm.interventions._common import Hooks, PositionSelection, head_selector, layer_names, spec_label
 from mechvlm.roles import RoleSpec, TokenRoles
 
 KNOCKOUT_MODES = ("post_softmax_zero", "pre_softmax_mask")
@@ -31,6 +32,39 @@ def blocked_entries(pairs: Tensor, heads: list[int] | None, n_heads: int) -> Boo
     return pairs[:, None] & sel[None, :, None, None]
 
 
+class PairCut(PostSoftmaxCut):
+    """The attention entries from ``query`` tokens to ``key`` tokens (optionally minus the
+    ``exempt`` queries), sized for each forward: its queries are the last ``q`` of its ``k``
+    key positions, so a KV-cache step (``q`` new tokens over ``k`` cached + new keys) gets
+    the rows of its new tokens. Role names extend to generated tokens (`PositionSelection`).
+
+    As a ``hook_pattern`` hook it zeroes the entries after the softmax (`PostSoftmaxCut`);
+    `mask_out` removes them from a ``hook_attn_mask`` instead. The last cut is reused by the
+    next layers of the same forward."""
+
+    def __init__(self, query: PositionSelection, key: PositionSelection, heads: list[int] | None = None,
+                 exempt: PositionSelection | None = None):
+        self.query, self.key, self.heads, self.exempt = query, key, heads, exempt
+        self._last: tuple | None = None
+
+    def cut(self, n_heads: int, n_queries: int, n_keys: int, device: torch.device) -> Tensor:
+        from mechvlm.forward_positions import current
+
+        key = (n_heads, n_queries, n_keys, device, current().continuation)
+        if self._last is None or self._last[0] != key:
+            start = n_keys - n_queries
+            q = self.query.span(start, n_keys, device)
+            if self.exempt is not None:
+                q = q & ~self.exempt.span(start, n_keys, device)
+            pairs = q[:, :, None] & self.key.span(0, n_keys, device)[:, None, :]
+            self._last = (key, blocked_entries(pairs, self.heads, n_heads))
+        return self._last[1]
+
+    def mask_out(self, mask: Tensor, hook) -> Tensor:
+        """``hook_attn_mask`` edit: ``mask & ~cut``."""
+        return mask & ~self.cut(hook.n_heads, mask.shape[-2], mask.shape[-1], mask.device)
+
+
 def knockout(
     roles: TokenRoles,
     query: RoleSpec = "text",
@@ -47,29 +81,25 @@ def knockout(
         layers: layer indices (default: all layers).
         heads: head indices (default: all heads).
         mode: ``"post_softmax_zero"``: the seed's Eq. 3-4 as written, ``A_ij = 0`` after
-            the softmax with NO renormalisation (hooks ``hook_pattern``, so the targeted
-            layers materialise their pattern). ``"pre_softmax_mask"``: the entries are
+            the softmax with NO renormalisation. It hooks ``hook_pattern`` with a
+            `PostSoftmaxCut`: alone there, the layer runs SDPA over the kept keys and scales
+            the rows that lost keys by the mass they kept, without materialising the pattern
+            (same result; another hook at ``hook_pattern`` brings the explicit pattern back,
+            and the cut then edits it in list order). ``"pre_softmax_mask"``: the entries are
             removed from the attention mask before the softmax, so each row renormalises
-            over the keys left; it edits ``hook_attn_mask`` and runs through SDPA without
-            materialising any pattern.
+            over the keys left; it edits ``hook_attn_mask`` and runs through SDPA.
+
+    In generation (a KV-cache step, or `mechvlm.generation` without a cache) the hooks
+    cover the generated tokens: with role names, the roles extend to them (they are text
+    after the image); with boolean masks, pass a callable ``(batch, roles) -> hooks``.
 
     Returns:
         ``[(hook_name_or_filter, fn), ...]`` for ``run_with_hooks``.
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"unknown knockout mode {mode!r}; choose one of {KNOCKOUT_MODES}")
-    pairs = OnDevice(role_pairs(roles, query, key))
-    head_list = head_selector(heads)
-
+    cut = PairCut(PositionSelection(query, roles, f"knockout query {spec_label(query)}"),
+                  PositionSelection(key, roles, f"knockout key {spec_label(key)}"), head_selector(heads))
     if mode == "post_softmax_zero":
-        def zero_pattern(pattern: Tensor, hook) -> Tensor:
-            cut = blocked_entries(pairs.get(pattern.device), head_list, pattern.shape[1])
-            return pattern.masked_fill(cut, 0.0)
-
-        return [(name, zero_pattern) for name in layer_names(layers, "attn.hook_pattern")]
-
-    def mask_out(mask: Tensor, hook) -> Tensor:
-        cut = blocked_entries(pairs.get(mask.device), head_list, hook.n_heads)
-        return mask & ~cut
-
-    return [(name, mask_out) for name in layer_names(layers, "attn.hook_attn_mask")]
+        return [(name, cut) for name in layer_names(layers, "attn.hook_pattern")]
+    return [(name, cut.mask_out) for name in layer_names(layers, "attn.hook_attn_mask")]
