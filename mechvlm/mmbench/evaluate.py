@@ -2,8 +2,13 @@
 
 `evaluate` builds the seed-000 prompt of every item, lets the input builder turn prompts
 and images into a batch, decodes a few tokens greedily with each condition's hooks
-(`mechvlm.generation.greedy_generate`, no KV cache, so knockouts cover the generated
-tokens), reads the letter with VLMEvalKit's rules and scores the items.
+(`mechvlm.generation.greedy_generate`, over a KV cache; the conditions are callables
+``(batch, roles) -> hooks``, so knockouts cover the generated tokens), reads the letter
+with VLMEvalKit's rules and scores the items.
+
+Items are batched in order of prompt length (``builder.prompt_lengths`` when the builder
+has it, else the prompt's length in characters), so that little of a batch is padding; the
+records keep the items' order.
 
 The input builder is any object with this protocol (`InputBuilder`)::
 
@@ -11,6 +16,7 @@ The input builder is any object with this protocol (`InputBuilder`)::
     builder(prompts: list[str], images: list[list[PIL.Image]]) -> dict   # HookedVLM.forward kwargs,
         # input_ids / attention_mask left-padded, pixel_values, image_grid_thw (Qwen) ...
     builder.decode(ids: list[int]) -> str                                # skips special tokens
+    builder.prompt_lengths(prompts, images) -> list[int]                 # optional: tokens per prompt
 """
 
 from __future__ import annotations
@@ -38,34 +44,51 @@ class InputBuilder(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+def _images(item: MMBenchItem) -> list:
+    return [item.pil_image()] if item.image is not None else []
+
+
+def length_order(builder: InputBuilder, items: Sequence[MMBenchItem]) -> list[int]:
+    """Item indices sorted by prompt length (stable): ``builder.prompt_lengths(prompts,
+    images)`` when the builder has it, else the prompt's length in characters."""
+    prompts = [mmbench_prompt(it) for it in items]
+    if hasattr(builder, "prompt_lengths"):
+        lengths = list(builder.prompt_lengths(prompts, [_images(it) for it in items]))
+    else:
+        lengths = [len(p) for p in prompts]
+    return sorted(range(len(items)), key=lambda i: lengths[i])
+
+
 def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem], condition: Condition, *,
                        batch_size: int = 8, max_new_tokens: int = 4, progress: bool = True,
                        rules: str = DEFAULT_RULES, pad_token_id: int | None = None) -> dict:
     """One condition over ``items``: the scored summary (see `evaluate`)."""
     from tqdm.auto import tqdm
 
-    records = []
+    records: list[dict | None] = [None] * len(items)
+    order = length_order(builder, items)
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, desc=f"MMBench [{condition.name}]", unit="batch", disable=not progress):
-        chunk = items[start:start + batch_size]
-        batch = builder([mmbench_prompt(it) for it in chunk],
-                        [[it.pil_image()] if it.image is not None else [] for it in chunk])
+        where = order[start:start + batch_size]
+        chunk = [items[i] for i in where]
+        batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
         gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=condition,
                               pad_token_id=pad_token_id)
-        for row, it in enumerate(chunk):
+        for row, (i, it) in enumerate(zip(where, chunk)):
             tokens = gen.tokens(row)
             raw = builder.decode(tokens)
             prediction = can_infer(raw, it.options, rules)
-            records.append({
+            records[i] = {
                 "index": it.index, "group": it.group, "category": it.category,
                 "l2_category": it.l2_category, "answer": it.answer, "prediction": prediction,
                 "kind": classify_output(raw, prediction, it.options), "raw": raw, "tokens": tokens,
                 "stopped": bool(gen.finished[row]),
-            })
+            }
     summary = {"condition": condition.describe()}
     summary.update(score_records(records))
     summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
-                           "extraction": "VLMEvalKit can_infer (exact matching)"}
+                           "extraction": "VLMEvalKit can_infer (exact matching)",
+                           "batching": "by prompt length, KV cache"}
     summary["items"] = records
     return summary
 
