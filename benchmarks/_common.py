@@ -156,3 +156,30 @@ def extra_peak(fn, device: torch.device | str = "cpu") -> dict:
     fn()
     peak = rss_kb("VmHWM")
     return {"extra_peak_mib": (peak - before) / 1024, "base_mib": before / 1024, "kind": "rss"}
+
+
+# ----------------------------------------------------------------------- RESULTS.md --
+def write_results_section(key: str, markdown: str, path: Path | None = None) -> Path:
+    """Put ``markdown`` into ``benchmarks/RESULTS.md`` between ``<!-- {key}:start -->`` and
+    ``<!-- {key}:end -->``, replacing that section if it is there and appending it if not;
+    the rest of the file is left as it is (each benchmark owns its section)."""
+    from mechvlm.fileio import write_text
+
+    path = Path(path) if path is not None else REPO / "benchmarks" / "RESULTS.md"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    write_text(path, text)
+    return path
+
+
+def kept_sections(text: str) -> str:
+    """The ``<!-- key:start -->`` ... ``<!-- key:end -->`` sections of a RESULTS.md, so that a
+    script rewriting the file can put the other benchmarks' sections back."""
+    found = re.findall(r"(<!-- ([\w.-]+):start -->.*?<!-- \2:end -->\n?)", text, flags=re.S)
+    return "".join(block for block, _ in found)

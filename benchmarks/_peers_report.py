@@ -374,4 +374,7 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
         lines += _scaling(result["scaling"])
     lines += ["## Correctness (max |difference|, compared with the cross-check tolerances)", ""]
     lines += _correctness(result) + [""]
-    Path(path).write_text("\n".join(lines))
+    from _common import kept_sections  # the other benchmarks' sections of the file stay
+
+    old = Path(path).read_text() if Path(path).exists() else ""
+    Path(path).write_text("\n".join(lines) + ("\n" + kept_sections(old) if kept_sections(old) else ""))
