@@ -98,14 +98,16 @@ class HookedVLM(HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **hf_kwargs) -> "HookedVLM":
+                        device: str | torch.device | None = None, strict: bool = True,
+                        **hf_kwargs) -> "HookedVLM":
         """Load a hub id (``"Qwen/Qwen2.5-VL-3B-Instruct"``) or a local directory in HF
         layout. ``dtype=None`` keeps the checkpoint's dtype. Extra keyword arguments go
         to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...).
 
         Refused with an error that names the problem: a path that does not exist or is a
         file, and a checkpoint whose tensors are not exactly the model's (missing,
-        unexpected or of another shape: `mechvlm.checkpoint_check`)."""
+        unexpected or of another shape: `mechvlm.checkpoint_check`; ``strict=False`` makes
+        that a warning)."""
         import transformers
 
         from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
@@ -114,7 +116,7 @@ class HookedVLM(HookedRootModule):
         family = family_for(hf_config)
         hf_class = getattr(transformers, family.hf_class_name)
         # a missing / unexpected tensor raises, naming it, instead of a random initialisation
-        hf_model = load_hf_checked(hf_class, name_or_path, dtype=dtype or "auto", **hf_kwargs)
+        hf_model = load_hf_checked(hf_class, name_or_path, strict=strict, dtype=dtype or "auto", **hf_kwargs)
         return cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
 
     @classmethod

@@ -17,7 +17,6 @@ The files themselves are written with `mechvlm.fileio` (temporary file, then ren
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -179,12 +178,3 @@ def prepare_out_file(path: str | os.PathLike, *, overwrite: bool = False, arg: s
         raise OutputExistsError(f"{arg} {path} exists; choose another {arg}, or pass --overwrite to replace it")
     check_writable(path.parent if str(path.parent) else Path("."), arg=arg)
     return path
-
-
-@contextlib.contextmanager
-def manifest_after(folder: str | os.PathLike, *, overwrite: bool = False, command: str = "mechvlm",
-                   arg: str = "--out"):
-    """``prepare_out_dir`` on entry; the manifest is written when the block succeeds."""
-    snap = prepare_out_dir(folder, overwrite=overwrite, arg=arg)
-    yield snap.folder
-    write_manifest(folder, snap, command=command)

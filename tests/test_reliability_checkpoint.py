@@ -119,3 +119,11 @@ def test_a_file_instead_of_a_directory(saved, capsys):
     with pytest.raises(NotADirectoryError, match="is a file"):
         main(["hooks", "--model", str(saved / "config.json")])
     assert "weights_only" not in capsys.readouterr().err
+
+
+def test_strict_false_loads_with_a_warning(saved, tmp_path):
+    import torch
+
+    d = _variant(saved, tmp_path / "w", lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(3)))
+    with pytest.warns(UserWarning, match=r"extra\.weight.*strict=False"):
+        HookedVLM.from_pretrained(str(d), strict=False)

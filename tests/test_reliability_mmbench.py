@@ -72,7 +72,7 @@ def _bad_files(tmp_path) -> dict:
                            "latin1.tsv"),
                       rf"line 3 \(index {idx}\): byte 0xe9 .* is not UTF-8"),
         "ragged row": (_tsv(tmp_path, [LINES[0], LINES[1], line6 + "\textra"], "ragged.tsv"),
-                       rf"line 3 \(index '{idx}'\): 15 fields for 14 columns"),
+                       rf"line 3 \(index {idx}\): 15 fields for 14 columns"),
     }
 
 

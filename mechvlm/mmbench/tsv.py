@@ -193,7 +193,7 @@ def load_mmbench(path: str | os.PathLike, *, check_images: bool = True) -> list[
             continue
         if len(values) != len(header):
             raise MMBenchFormatError(
-                f"{path}, line {line_no} (index {values[0].strip()!r}): {len(values)} fields for "
+                f"{path}, line {line_no} (index {values[0].strip()}): {len(values)} fields for "
                 f"{len(header)} columns (a tab too many or too few, or an unclosed quote)")
         rows.append((line_no, dict(zip(header, values))))
 
