@@ -101,6 +101,10 @@ def _crosscheck(args: argparse.Namespace) -> int:
 
     from mechvlm.crosscheck import crosscheck, perturb_layer
 
+    if args.json:
+        from .outdir import prepare_out_file
+
+        prepare_out_file(args.json, overwrite=True, arg="--json")  # writable, before any compute
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = dict(dtype=dtype, device=args.device, image=args.image, prompt=args.prompt, seed=args.seed,
               knockouts=not args.no_knockouts, share=not args.no_share)
