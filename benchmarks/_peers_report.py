@@ -375,6 +375,7 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
     lines += ["## Correctness (max |difference|, compared with the cross-check tolerances)", ""]
     lines += _correctness(result) + [""]
     from _common import kept_sections  # the other benchmarks' sections of the file stay
+    from mechvlm.fileio import write_text
 
     old = Path(path).read_text() if Path(path).exists() else ""
-    Path(path).write_text("\n".join(lines) + ("\n" + kept_sections(old) if kept_sections(old) else ""))
+    write_text(path, "\n".join(lines) + ("\n" + kept_sections(old) if kept_sections(old) else ""))

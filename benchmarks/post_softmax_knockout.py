@@ -93,7 +93,7 @@ def memory_worker(payload: str) -> None:
             fn = contender(tool, models, inp)
             fn()  # warm-up on the real input (allocator, kernels)
             res = extra_peak(fn, args.device)
-            print("MEMORY " + json.dumps({**res, "tool": tool}), flush=True)
+            print("MEMORY " + json.dumps({**res, "tool": tool, "n_tokens": inp.n_tokens}), flush=True)
 
 
 def measure_memory(args) -> dict:
@@ -155,6 +155,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=str(HERE / "post_softmax_knockout.json"))
     p.add_argument("--no-write", action="store_true", help="print only (no JSON, no RESULTS.md)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["time", "memory"],
+                   help="run one part; the other is read from --json (same setup) when it is there")
     args = p.parse_args(argv)
     if args.memory_worker:
         return memory_worker(args.memory_worker)
@@ -163,31 +165,46 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     setup = {k: getattr(args, k) for k in ("image_tokens", "layers", "reps", "device", "dtype", "quick")}
-    result = {"machine": machine_info(args.device)}
-    with torch.inference_mode():
-        models, inp = build(args)
-        setup["n_tokens"] = inp.n_tokens
-        fns = {name: contender(name, models, inp) for name in CONTENDERS}
-        bounded, explicit = fns["post_softmax_zero"](), fns["post_softmax_explicit"]()
-        result["max_abs_logits_diff"] = float((bounded - explicit).abs().max())
-        contenders = {name: (name, fn) for name, fn in fns.items()}
-        contenders["plain_aa"] = ("plain_aa", fns["plain"])
-        wall, cpu = time_interleaved(contenders, args.reps, warmup=0, device=torch.device(args.device),
-                                     collect=not args.quick)
-    del models, fns, contenders
-    result["setup"] = setup
-    result["time"] = {"wall_ms": wall, "cpu_ms": cpu,
-                      "ratios": {k: paired_ratios(wall[k], wall["plain"]) for k in wall if k != "plain"}}
-    result["memory"] = measure_memory(args)
+    result = {"machine": machine_info(args.device), "setup": setup}
+    old = json.loads(Path(args.json).read_text()) if args.only and Path(args.json).exists() else {}
+    if {k: v for k, v in old.get("setup", {}).items() if k not in ("n_tokens", "reps")} != \
+            {k: v for k, v in setup.items() if k != "reps"}:
+        old = {}
+    result.update({k: old[k] for k in ("time", "max_abs_logits_diff", "memory") if k in old})
+    if args.only != "memory":
+        with torch.inference_mode():
+            models, inp = build(args)
+            fns = {name: contender(name, models, inp) for name in CONTENDERS}
+            bounded, explicit = fns["post_softmax_zero"](), fns["post_softmax_explicit"]()
+            result["max_abs_logits_diff"] = float((bounded - explicit).abs().max())
+            setup["n_tokens"] = inp.n_tokens
+            contenders = {name: (name, fn) for name, fn in fns.items()}
+            contenders["plain_aa"] = ("plain_aa", fns["plain"])
+            wall, cpu = time_interleaved(contenders, args.reps, warmup=0, device=torch.device(args.device),
+                                         collect=not args.quick)
+        del models, fns, contenders
+        result["time"] = {"wall_ms": wall, "cpu_ms": cpu,
+                          "ratios": {k: paired_ratios(wall[k], wall["plain"]) for k in wall if k != "plain"}}
+        _save(args, result)  # the timing survives a failure in the memory part
+    setup.setdefault("n_tokens", old.get("setup", {}).get("n_tokens"))
+    if args.only != "time":
+        result["memory"] = measure_memory(args)
+        setup["n_tokens"] = setup["n_tokens"] or next(iter(result["memory"].values()))["n_tokens"]
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    text = markdown(result)
-    print("\n" + text)
+    _save(args, result)
+    if "time" in result and "memory" in result:
+        text = markdown(result)
+        print("\n" + text)
+        if not args.no_write:
+            write_results_section("post_softmax_knockout", text)
+    return result
+
+
+def _save(args, result: dict) -> None:
     if not args.no_write:
         from mechvlm.fileio import write_json
 
         write_json(args.json, result)
-        write_results_section("post_softmax_knockout", text)
-    return result
 
 
 if __name__ == "__main__":

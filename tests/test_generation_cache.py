@@ -172,7 +172,7 @@ def test_static_role_list_extends_or_says_pass_a_callable(qwen_model, cache):
     for hooks in (ablate_heads({1: [0]}, positions=roles.text), knockout(roles, roles.text, "image")):
         with pytest.raises(ValueError, match=r"callable \(batch, roles\) -> hooks"):
             greedy_generate(qwen_model, batch, 3, NEVER, fwd_hooks=hooks, use_past_kv_cache=cache)
-    with pytest.raises(ValueError, match="built for"):  # outside generation: the batch does not match
+    with pytest.raises(ValueError, match="built from TokenRoles of a batch"):  # outside generation: another batch
         longer = _present(qwen_batch([[3, (1, 4, 6), 9], [2, (1, 4, 4), 7]], seed=21))
         qwen_model.run_with_hooks(**longer, fwd_hooks=knockout(roles, "text", "image"))
 

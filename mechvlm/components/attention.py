@@ -191,7 +191,7 @@ class Attention(nn.Module):
         n_q, n_k = q.shape[2], k.shape[2]
         cut = None
         for c in cuts:
-            part = c.cut(self.n_heads, n_q, n_k, q.device)
+            part = c.cut(q.shape[0], self.n_heads, n_q, n_k, q.device, self.hook_pattern.name)
             cut = part if cut is None else cut | part
         cut = cut & allowed
         kept = allowed & ~cut

@@ -56,10 +56,12 @@ class PostSoftmaxCut:
     docstring), so `cut` must depend only on the shapes it is given, not on the pattern.
     """
 
-    def cut(self, n_heads: int, n_queries: int, n_keys: int, device: torch.device) -> Bool[Tensor, "batch h q k"]:
-        """Broadcastable ``[batch, 1 | head, n_queries, n_keys]``: True = set to zero."""
+    def cut(self, batch: int, n_heads: int, n_queries: int, n_keys: int, device: torch.device,
+            where: str = "") -> Bool[Tensor, "batch h q k"]:
+        """Broadcastable ``[batch, 1 | head, n_queries, n_keys]``: True = set to zero
+        (``where``: the hook point's name, for error messages)."""
         raise NotImplementedError
 
     def __call__(self, pattern: Tensor, hook) -> Tensor:
-        _, h, q, k = pattern.shape
-        return pattern.masked_fill(self.cut(h, q, k, pattern.device), 0.0)
+        b, h, q, k = pattern.shape
+        return pattern.masked_fill(self.cut(b, h, q, k, pattern.device, hook.name), 0.0)

@@ -41,15 +41,15 @@ class _Positions:
 
     def __init__(self, positions: Tensor | Iterable[int], what: str):
         if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-            self.mask: PositionSelection | None = PositionSelection(positions, what=what)
+            self.mask: PositionSelection | None = PositionSelection(positions, used_by=what)
             self.index = None
         else:
             self.mask = None
             self.index = torch.as_tensor(list(positions) if not isinstance(positions, Tensor) else positions).long()
 
-    def span(self, start: int, stop: int, batch: int, device: torch.device) -> Bool[Tensor, "batch n"]:
+    def span(self, start: int, stop: int, batch: int, device: torch.device, where: str) -> Bool[Tensor, "batch n"]:
         if self.mask is not None:
-            return self.mask.span(start, stop, device, batch=batch)
+            return self.mask.span(start, stop, device, batch=batch, where=where)
         idx = torch.where(self.index < 0, self.index + stop, self.index)
         if bool((idx < 0).any()) or (not _continuing() and bool((idx >= stop).any())):
             raise IndexError(f"position indices {self.index.tolist()} out of range for a sequence of {stop}")
@@ -70,7 +70,7 @@ def _position_selector(positions: _Positions | None, act: Tensor, name: str) -> 
         return None
     pos_dim, start, stop = _query_range(act, name)
     n = stop - start
-    sel = positions.span(start, stop, act.shape[0], act.device)
+    sel = positions.span(start, stop, act.shape[0], act.device, name)
     shape = [act.shape[0]] + [1] * (act.ndim - 1)
     shape[pos_dim] = n
     if pos_dim == 2:
@@ -91,8 +91,8 @@ def ablate_heads(
         mode: ``"zero"`` or ``"mean"`` (replace with ``means[layer][head]``, e.g. from
             `mean_head_outputs` over a reference set).
         positions: optional ``[batch, pos]`` mask of the query positions to ablate
-            (default: all). In generation it selects absolute positions of the prompt; to
-            cover generated tokens too, pass a callable ``(batch, roles) -> hooks``.
+            (default: all). A mask of the prompt cannot cover generated tokens: in generation
+            pass a callable ``(batch, roles) -> hooks`` (e.g. ``positions=roles.text``).
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"ablate_heads mode must be 'zero' or 'mean', got {mode!r}")
@@ -231,11 +231,12 @@ def skip_sublayers(
         raise ValueError(f"which must name 'attn' and/or 'mlp', got {which}")
     if positions.dtype != torch.bool or positions.ndim != 2:
         raise ValueError("positions must be a [batch, pos] boolean mask (e.g. roles.image)")
-    pos = PositionSelection(positions, what="skip_sublayers positions")
+    pos = PositionSelection(positions, used_by="skip_sublayers: positions mask")
 
     def zero_out(out: Tensor, hook) -> Tensor:
         start, stop = token_query_range(out.shape[1])
-        return out.masked_fill(pos.span(start, stop, out.device, batch=out.shape[0])[:, :, None], 0.0)
+        sel = pos.span(start, stop, out.device, batch=out.shape[0], where=hook.name)
+        return out.masked_fill(sel[:, :, None], 0.0)
 
     hooks: Hooks = []
     for part in which:

@@ -26,7 +26,7 @@ def blocked_entries(pairs: Tensor, heads: list[int] | None, n_heads: int) -> Boo
     if heads is None:
         return pairs[:, None]
     if max(heads) >= n_heads:
-        raise ValueError(f"head {max(heads)} does not exist (the layer has {n_heads} heads)")
+        raise ValueError(f"heads: head {max(heads)} does not exist (the layer has {n_heads} heads)")
     sel = torch.zeros(n_heads, dtype=torch.bool, device=pairs.device)
     sel[heads] = True
     return pairs[:, None] & sel[None, :, None, None]
@@ -47,22 +47,24 @@ class PairCut(PostSoftmaxCut):
         self.query, self.key, self.heads, self.exempt = query, key, heads, exempt
         self._last: tuple | None = None
 
-    def cut(self, n_heads: int, n_queries: int, n_keys: int, device: torch.device) -> Tensor:
+    def cut(self, batch: int, n_heads: int, n_queries: int, n_keys: int, device: torch.device,
+            where: str = "") -> Tensor:
         from mechvlm.forward_positions import current
 
-        key = (n_heads, n_queries, n_keys, device, current().continuation)
+        start = n_keys - n_queries
+        kw = dict(batch=batch, where=where)
+        q = self.query.span(start, n_keys, device, **kw)  # checks the batch (issue 12) every call
+        key = (batch, n_heads, n_queries, n_keys, device, current().continuation)
         if self._last is None or self._last[0] != key:
-            start = n_keys - n_queries
-            q = self.query.span(start, n_keys, device)
             if self.exempt is not None:
-                q = q & ~self.exempt.span(start, n_keys, device)
-            pairs = q[:, :, None] & self.key.span(0, n_keys, device)[:, None, :]
+                q = q & ~self.exempt.span(start, n_keys, device, **kw)
+            pairs = q[:, :, None] & self.key.full(n_keys, device, start=start, **kw)[:, None, :]
             self._last = (key, blocked_entries(pairs, self.heads, n_heads))
         return self._last[1]
 
     def mask_out(self, mask: Tensor, hook) -> Tensor:
         """``hook_attn_mask`` edit: ``mask & ~cut``."""
-        return mask & ~self.cut(hook.n_heads, mask.shape[-2], mask.shape[-1], mask.device)
+        return mask & ~self.cut(mask.shape[0], hook.n_heads, mask.shape[-2], mask.shape[-1], mask.device, hook.name)
 
 
 def knockout(
@@ -98,8 +100,8 @@ def knockout(
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"unknown knockout mode {mode!r}; choose one of {KNOCKOUT_MODES}")
-    cut = PairCut(PositionSelection(query, roles, f"knockout query {spec_label(query)}"),
-                  PositionSelection(key, roles, f"knockout key {spec_label(key)}"), head_selector(heads))
+    label = f"knockout(query={spec_label(query)}, key={spec_label(key)})"
+    cut = PairCut(PositionSelection(query, roles, label), PositionSelection(key, roles, label), head_selector(heads))
     if mode == "post_softmax_zero":
         return [(name, cut) for name in layer_names(layers, "attn.hook_pattern")]
     return [(name, cut.mask_out) for name in layer_names(layers, "attn.hook_attn_mask")]

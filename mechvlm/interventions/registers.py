@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechvlm.interventions._common import Hooks, PositionSelection, layer_names, spec_label
+from mechvlm.interventions._common import Hooks, PositionSelection, layer_names
 from mechvlm.interventions.attention import PairCut
 from mechvlm.roles import RoleSpec, TokenRoles
 
@@ -27,9 +27,8 @@ def register_mask(
     so it works in the forward pass and under autograd (training). In generation the
     generated tokens are text (role names extend to them; a boolean ``registers`` mask from
     `insert_registers` needs the callable form ``(batch, roles) -> hooks``)."""
-    cut = PairCut(PositionSelection(text, roles, f"register_mask text {spec_label(text)}"),
-                  PositionSelection(image, roles, f"register_mask image {spec_label(image)}"),
-                  exempt=PositionSelection(registers, roles, f"register_mask registers {spec_label(registers)}"))
+    cut = PairCut(PositionSelection(text, roles, "register_mask"), PositionSelection(image, roles, "register_mask"),
+                  exempt=PositionSelection(registers, roles, "register_mask"))
     return [(name, cut.mask_out) for name in layer_names(layers, "attn.hook_attn_mask")]
 
 
@@ -50,6 +49,7 @@ def insert_registers(
     """
     if n < 0:
         raise ValueError("n must be >= 0")
+    roles.check_ids(input_ids, used_by="insert_registers")
     real = roles.real.cpu()
     eoi = roles.eoi.cpu()
     rows, regs = [], []

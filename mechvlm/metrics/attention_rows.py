@@ -87,6 +87,9 @@ class QueryAttention:
     def __init__(self, model, layers: list[int], query_mask: Bool[Tensor, "batch pos"],
                  reduce: Callable[[int, Tensor], Tensor], other_hooks: Hooks = (),
                  query_chunk: int | None = None):
+        if query_chunk is not None and (isinstance(query_chunk, bool) or int(query_chunk) != query_chunk
+                                        or query_chunk < 1):
+            raise ValueError(f"query_chunk must be a positive number of query rows (or None), got {query_chunk!r}")
         self.model = model
         self.layers = list(layers)
         self.reduce = reduce
@@ -127,7 +130,8 @@ class QueryAttention:
             q, k = self._q.pop(layer), self._k.pop(layer)
             cut = None  # post-softmax knockouts of this layer, applied without a pattern
             for c in attn.post_softmax_cuts() or ():
-                part = c.cut(attn.n_heads, allowed.shape[2], allowed.shape[3], allowed.device)
+                part = c.cut(allowed.shape[0], attn.n_heads, allowed.shape[2], allowed.shape[3], allowed.device,
+                             attn.hook_pattern.name)
                 cut = part if cut is None else cut | part
             mass = None
             for s in range(0, len(self.qpos), self.chunk):
