@@ -261,6 +261,7 @@ def main(argv=None) -> dict:
                     v = ratios[f"{name}/{ref}"]["median_of_paired_ratios"]
                     result["targets"].append({"batch": batch, "new": new, "name": name, "ref": ref, "value": v,
                                               "limit": limit, "met": v <= limit})
+                _save(args, result)  # each finished cell survives a later failure
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:
@@ -274,12 +275,17 @@ def main(argv=None) -> dict:
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(result)
     print("\n" + text)
+    _save(args, result)
+    if not args.no_write:
+        write_results_section("generation", text)
+    return result
+
+
+def _save(args, result: dict) -> None:
     if not args.no_write:
         from mechvlm.fileio import write_json
 
         write_json(args.json, result)
-        write_results_section("generation", text)
-    return result
 
 
 if __name__ == "__main__":

@@ -111,6 +111,36 @@ class Generation:
         return dict(out, input_ids=self.sequences, attention_mask=self.attention_mask)
 
 
+@contextlib.contextmanager
+def step_hooks(model, hooks):
+    """Attach ``hooks`` for one step and remove exactly those afterwards (what
+    ``run_with_hooks`` does, without its sweep over every hook point of the model on exit,
+    which costs more than a decode step of a deep model). Hooks that a hook adds during the
+    step belong to the step's context level and are removed with it, as in
+    ``run_with_hooks``."""
+    if not hooks:
+        yield
+        return
+    model.context_level += 1
+    level = model.context_level
+    added = []
+    try:
+        for name, fn in hooks:
+            model._check_hook_name(name)
+            points = [model.hook_dict[name]] if isinstance(name, str) else \
+                [hp for n, hp in model.hook_dict.items() if name(n)]
+            for hp in points:
+                added.append((hp, hp.add_hook(fn, dir="fwd", level=level)))
+        yield
+    finally:
+        for hp, handle in added:
+            handle.hook.remove()
+            hp.fwd_hooks.remove(handle)
+        if any(h.context_level == level for hp in model.hook_dict.values() for h in hp.fwd_hooks + hp.bwd_hooks):
+            model.reset_hooks(including_permanent=False, level=level)
+        model.context_level -= 1
+
+
 def check_left_padded(attention_mask: Tensor) -> None:
     """Raise unless every row is ``0 .. 0 1 .. 1`` with at least one real token."""
     m = attention_mask.bool()
@@ -222,9 +252,7 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
                 else:
                     inputs = {"input_ids": ids[:, -1:], "past_kv_cache": cache}
                 last_hidden.clear()
-                if hooks:
-                    model.run_with_hooks(**inputs, fwd_hooks=hooks, return_type=None)
-                else:
+                with step_hooks(model, hooks):
                     model(**inputs, return_type=None)
                 logits = model.unembed(last_hidden[-1]).float()
                 if output_logits:

@@ -50,6 +50,11 @@ def running_on(input_ids):
         _RUNNING_IDS.reset(token)
 
 
+def running_ids() -> Tensor | None:
+    """The ``input_ids`` of the `HookedVLM` forward in progress (None outside a forward)."""
+    return _RUNNING_IDS.get()
+
+
 def records_batch(forward):
     """Decorator of ``HookedVLM.forward``: its ``input_ids`` (first argument) are the batch
     in progress while it runs."""

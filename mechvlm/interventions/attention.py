@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -50,17 +51,21 @@ class PairCut(PostSoftmaxCut):
     def cut(self, batch: int, n_heads: int, n_queries: int, n_keys: int, device: torch.device,
             where: str = "") -> Tensor:
         from mechvlm.forward_positions import current
+        from mechvlm.roles import running_ids
 
+        running = running_ids()
+        key = (batch, n_heads, n_queries, n_keys, device, current().continuation)
+        if self._last is not None and self._last[0] == key and running is not None and self._last[1]() is running:
+            return self._last[2]  # a later layer of the same forward: checked and built already
         start = n_keys - n_queries
         kw = dict(batch=batch, where=where)
-        q = self.query.span(start, n_keys, device, **kw)  # checks the batch (issue 12) every call
-        key = (batch, n_heads, n_queries, n_keys, device, current().continuation)
-        if self._last is None or self._last[0] != key:
-            if self.exempt is not None:
-                q = q & ~self.exempt.span(start, n_keys, device, **kw)
-            pairs = q[:, :, None] & self.key.full(n_keys, device, start=start, **kw)[:, None, :]
-            self._last = (key, blocked_entries(pairs, self.heads, n_heads))
-        return self._last[1]
+        q = self.query.span(start, n_keys, device, **kw)  # checks the batch (issue 12)
+        if self.exempt is not None:
+            q = q & ~self.exempt.span(start, n_keys, device, **kw)
+        pairs = q[:, :, None] & self.key.full(n_keys, device, start=start, **kw)[:, None, :]
+        cut = blocked_entries(pairs, self.heads, n_heads)
+        self._last = (key, (weakref.ref(running) if running is not None else (lambda: None)), cut)
+        return cut
 
     def mask_out(self, mask: Tensor, hook) -> Tensor:
         """``hook_attn_mask`` edit: ``mask & ~cut``."""
