@@ -178,6 +178,15 @@ def write_results_section(key: str, markdown: str, path: Path | None = None) -> 
     return path
 
 
+def save_result(path: str | Path, result: dict, write: bool = True) -> None:
+    """The results JSON of a benchmark, written atomically (nothing when ``write`` is False);
+    called after each finished part so that a later failure keeps what was measured."""
+    if write:
+        from mechvlm.fileio import write_json
+
+        write_json(path, result)
+
+
 def kept_sections(text: str) -> str:
     """The ``<!-- key:start -->`` ... ``<!-- key:end -->`` sections of a RESULTS.md, so that a
     script rewriting the file can put the other benchmarks' sections back."""

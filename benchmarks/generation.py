@@ -47,7 +47,13 @@ for p in (str(HERE), str(HERE.parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 import _peers as P  # noqa: E402
-from _common import machine_info, paired_ratios, time_interleaved, write_results_section  # noqa: E402
+from _common import (  # noqa: E402
+    machine_info,
+    paired_ratios,
+    save_result,
+    time_interleaved,
+    write_results_section,
+)
 
 NEVER = 10**6  # an EOS id no model emits: every call generates exactly the requested tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -261,7 +267,7 @@ def main(argv=None) -> dict:
                     v = ratios[f"{name}/{ref}"]["median_of_paired_ratios"]
                     result["targets"].append({"batch": batch, "new": new, "name": name, "ref": ref, "value": v,
                                               "limit": limit, "met": v <= limit})
-                _save(args, result)  # each finished cell survives a later failure
+                save_result(args.json, result, not args.no_write)  # each finished cell survives a later failure
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:
@@ -275,17 +281,10 @@ def main(argv=None) -> dict:
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(result)
     print("\n" + text)
-    _save(args, result)
+    save_result(args.json, result, not args.no_write)
     if not args.no_write:
         write_results_section("generation", text)
     return result
-
-
-def _save(args, result: dict) -> None:
-    if not args.no_write:
-        from mechvlm.fileio import write_json
-
-        write_json(args.json, result)
 
 
 if __name__ == "__main__":

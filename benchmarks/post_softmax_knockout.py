@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     machine_info,
     paired_ratios,
     time_interleaved,
+    save_result,
     write_results_section,
 )
 
@@ -185,26 +186,19 @@ def main(argv=None) -> dict:
         del models, fns, contenders
         result["time"] = {"wall_ms": wall, "cpu_ms": cpu,
                           "ratios": {k: paired_ratios(wall[k], wall["plain"]) for k in wall if k != "plain"}}
-        _save(args, result)  # the timing survives a failure in the memory part
+        save_result(args.json, result, not args.no_write)  # the timing survives a failure in the memory part
     setup.setdefault("n_tokens", old.get("setup", {}).get("n_tokens"))
     if args.only != "time":
         result["memory"] = measure_memory(args)
         setup["n_tokens"] = setup["n_tokens"] or next(iter(result["memory"].values()))["n_tokens"]
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    _save(args, result)
+    save_result(args.json, result, not args.no_write)
     if "time" in result and "memory" in result:
         text = markdown(result)
         print("\n" + text)
         if not args.no_write:
             write_results_section("post_softmax_knockout", text)
     return result
-
-
-def _save(args, result: dict) -> None:
-    if not args.no_write:
-        from mechvlm.fileio import write_json
-
-        write_json(args.json, result)
 
 
 if __name__ == "__main__":

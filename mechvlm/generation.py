@@ -9,6 +9,7 @@ Hooks (``fwd_hooks``) fire in every step. In a cached step, ``[batch, pos, ...]`
 the new position only and ``hook_pattern`` / ``hook_attn_scores`` / ``hook_attn_mask``
 ``[batch, head, 1, pos_so_far]``; the cache holds the keys after ``hook_rot_k`` and the
 values after ``hook_v``, so an edit there in the prefill is what every later token reads.
+``hook_image_embeds`` fires in the prefill only (the images are encoded once).
 Hooks may be:
 
 * a callable ``(batch, roles) -> hooks``, called every step with the batch so far (prompt

@@ -17,8 +17,9 @@ Use::
 What is cached, per layer: the keys after ``hook_rot_k`` (so after RoPE and any edit at
 ``hook_k`` / ``hook_rot_k``) and the values after ``hook_v``. An edit of ``hook_k`` /
 ``hook_v`` in the prefill is therefore what every later step attends to; cached keys and
-values are not hooked again. A continuation holds text only (no image tokens); its
-``attention_mask`` may cover the new tokens (``[batch, new]``) or the whole sequence.
+values are not hooked again. A continuation holds text only (no image tokens), so
+``hook_image_embeds`` fires in the prefill only; its ``attention_mask`` may cover the new
+tokens (``[batch, new]``) or the whole sequence.
 
 Sliding-window layers keep every position (not just the window), so the key axis of every
 layer is the absolute position (role masks and ``hook_pattern`` line up); the window is a

@@ -108,30 +108,27 @@ HOOKS = {
 }
 
 
+def _cache_equals_no_cache(model, batch, kind: str, steps: int, family: str):
+    hooks = HOOKS[kind](model, batch)
+    ref = greedy_generate(model, batch, steps, NEVER, fwd_hooks=hooks, output_logits=True, use_past_kv_cache=False)
+    ours = greedy_generate(model, batch, steps, NEVER, fwd_hooks=hooks, output_logits=True)
+    diff = (ours.logits - ref.logits).abs().max().item()
+    print(f"\n[{family} cache vs no cache, {kind}] max |logits diff| over {steps} steps {diff:.1e}")
+    assert torch.equal(ours.sequences, ref.sequences) and diff <= TOL
+    if kind != "none":
+        clean = greedy_generate(model, batch, steps, NEVER, output_logits=True)
+        assert (ours.logits - clean.logits).abs().max() > 1e-3  # the hooks do something
+
+
 @pytest.mark.parametrize("kind", HOOKS)
 def test_qwen_cache_equals_no_cache(qwen_model, kind):
     batch = _present(qwen_batch([[3, (1, 4, 6), 5], [2, (1, 4, 4), 7]], seed=21))
-    hooks = HOOKS[kind](qwen_model, batch)
-    ref = greedy_generate(qwen_model, batch, 5, NEVER, fwd_hooks=hooks, output_logits=True, use_past_kv_cache=False)
-    ours = greedy_generate(qwen_model, batch, 5, NEVER, fwd_hooks=hooks, output_logits=True)
-    diff = (ours.logits - ref.logits).abs().max().item()
-    print(f"\n[qwen cache vs no cache, {kind}] max |logits diff| over 5 steps {diff:.1e}")
-    assert torch.equal(ours.sequences, ref.sequences) and diff <= TOL
-    if kind != "none":
-        clean = greedy_generate(qwen_model, batch, 5, NEVER, output_logits=True)
-        assert (ours.logits - clean.logits).abs().max() > 1e-2  # the hooks do something
+    _cache_equals_no_cache(qwen_model, batch, kind, 5, "qwen")
 
 
 @pytest.mark.parametrize("kind", ["none", "knockout_pre", "knockout_post_static", "register_mask"])
 def test_gemma3_cache_equals_no_cache(gemma_long_image, kind):
-    _, model = gemma_long_image
-    batch = gemma_batch(GEMMA_ROWS["left_padded"], seed=4)
-    hooks = HOOKS[kind](model, batch)
-    ref = greedy_generate(model, batch, 9, NEVER, fwd_hooks=hooks, output_logits=True, use_past_kv_cache=False)
-    ours = greedy_generate(model, batch, 9, NEVER, fwd_hooks=hooks, output_logits=True)
-    diff = (ours.logits - ref.logits).abs().max().item()
-    print(f"\n[gemma3 cache vs no cache, {kind}] max |logits diff| over 9 steps {diff:.1e}")
-    assert torch.equal(ours.sequences, ref.sequences) and diff <= TOL
+    _cache_equals_no_cache(gemma_long_image[1], gemma_batch(GEMMA_ROWS["left_padded"], seed=4), kind, 9, "gemma3")
 
 
 def test_decode_hooks_see_new_positions_and_pattern_rows(qwen_model):
