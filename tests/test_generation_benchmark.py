@@ -4,6 +4,7 @@ models, nothing written): their correctness rows hold (mechvlm's tokens equal HF
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +30,14 @@ def test_generation_benchmark_quick():
 
 
 @pytest.mark.slow
-def test_post_softmax_benchmark_quick():
-    result = _import("post_softmax_knockout").main(["--quick", "--no-write"])
+def test_post_softmax_benchmark_quick(capsys):
+    bench = _import("post_softmax_knockout")
+    result = bench.main(["--quick", "--no-write", "--only", "time"])
     assert result["max_abs_logits_diff"] <= 1e-5
-    assert set(result["memory"]) == {"plain", "pre_softmax_mask", "post_softmax_zero", "post_softmax_explicit"}
+    assert set(result["time"]["wall_ms"]) == {"plain", "plain_aa", "pre_softmax_mask", "post_softmax_zero",
+                                               "post_softmax_explicit"}
+    # the memory worker (a subprocess in a real run), in this process
+    bench.memory_worker(json.dumps({"quick": True, "image_tokens": 16, "layers": 2, "dtype": "float32",
+                                    "device": "cpu", "threads": 1, "tools": ["post_softmax_zero"]}))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MEMORY ")]
+    assert len(line) == 1 and json.loads(line[0][7:])["tool"] == "post_softmax_zero"

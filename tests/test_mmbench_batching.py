@@ -19,6 +19,8 @@ class LengthBuilder(StubBuilder):
 
 def test_batches_sorted_by_prompt_length_records_in_item_order(qwen_model):
     items = make_items()
+    alone = evaluate(qwen_model, StubBuilder(), items, conditions=["none"], batch_size=1, max_new_tokens=3,
+                     progress=False)["none"]
     for builder in (LengthBuilder(), StubBuilder()):
         out = evaluate(qwen_model, builder, items, conditions=["none"], batch_size=2, max_new_tokens=3,
                        progress=False)["none"]
@@ -30,8 +32,6 @@ def test_batches_sorted_by_prompt_length_records_in_item_order(qwen_model):
         assert sorted(sum(key, [])) == sum(key, [])  # batch after batch, shortest first
         seen = [p for prompts, _ in builder.calls for p in prompts]
         assert seen != [mmbench_prompt(it) for it in items]  # the items were reordered
-        alone = evaluate(qwen_model, StubBuilder(), items, conditions=["none"], batch_size=1, max_new_tokens=3,
-                         progress=False)["none"]
         assert [r["tokens"] for r in out["items"]] == [r["tokens"] for r in alone["items"]]
 
 
