@@ -1,7 +1,8 @@
 """Generation cost: mechvlm (KV cache, hooks included) against HF ``generate``, per token.
 
-Contenders, on the same weights (Qwen2.5-VL-3B-shaped, ``--layers`` layers, one image of
-``--image-tokens`` tokens + 64 text tokens; random seeded weights), greedy, no stop token:
+Contenders, on the same weights (Qwen2.5-VL-3B-shaped or, ``--family gemma``, Gemma3-4B-shaped,
+``--layers`` layers, one image of ``--image-tokens`` tokens + 64 text tokens; random seeded
+weights), greedy, no stop token:
     mech        `greedy_generate` over the KV cache, no hooks
     hf          HF ``generate(do_sample=False)`` (sdpa, its DynamicCache)
     mech_ko     mechvlm with the text->image ``pre_softmax_mask`` knockout in every layer, the
@@ -17,7 +18,8 @@ post-softmax knockouts: the code paths before issue 14) and after.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generation.py            # full: ~30 min on 2 busy cores
     .venv/bin/python benchmarks/generation.py --quick --no-write          # tiny model: a smoke test
     .venv/bin/python benchmarks/generation.py --device cuda --dtype bfloat16 --layers 36 \\
-        --image-tokens 1024 --batches 8 --report-reps 0                   # the GPU run of the issue
+        --image-tokens 1024 --batches 8 --report-reps 0 --no-write        # the GPU run of the issue
+    (and --family gemma --layers 34: Gemma3-4B-shaped)
 
 Method: one process; for each (batch, new tokens) every contender once (the warm-up, whose
 outputs feed the correctness rows: mech == hf and mech_ko == hf_ko token for token), then
@@ -81,11 +83,12 @@ class HFMaskKnockout:
             attention_mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
         elif attention_mask.dtype != torch.bool:
             attention_mask = attention_mask == 0
-        text = self.text if q == self.text.shape[1] and k == q else torch.ones(b, q, dtype=torch.bool)
-        image = torch.zeros(b, k, dtype=torch.bool)
+        dev = query.device
+        text = self.text.to(dev) if q == self.text.shape[1] and k == q else torch.ones(b, q, dtype=torch.bool, device=dev)
+        image = torch.zeros(b, k, dtype=torch.bool, device=dev)
         n = min(k, self.image.shape[1])
-        image[:, :n] = self.image[:, :n]
-        cut = (text[:, :, None] & image[:, None, :])[:, None].to(query.device)
+        image[:, :n] = self.image[:, :n].to(dev)
+        cut = (text[:, :, None] & image[:, None, :])[:, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask & ~cut, **kw)
 
     def model(self, hf):
@@ -103,7 +106,7 @@ class HFMaskKnockout:
 def build(args):
     from mechvlm import HookedVLM
 
-    spec = P.Spec(family="qwen", layers=args.layers, image_tokens=args.image_tokens, quick=args.quick,
+    spec = P.Spec(family=args.family, layers=args.layers, image_tokens=args.image_tokens, quick=args.quick,
                   tiny_vision=True)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     hf = P.build_hf(spec, dtype, device)
@@ -174,8 +177,9 @@ def _row(samples: list[float], new: int, batch: int) -> dict:
 
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["setup"]
+    shape = "Gemma3-4B-shaped" if st.get("family") == "gemma" else "Qwen2.5-VL-3B-shaped"
     lines = ["## Generation with the KV cache (`benchmarks/generation.py`)", "",
-             f"Qwen2.5-VL-3B-shaped, {st['layers']} layers, {st['n_tokens']} prompt tokens ({st['image_tokens']} "
+             f"{shape}, {st['layers']} layers, {st['n_tokens']} prompt tokens ({st['image_tokens']} "
              f"image), {st['device']} {st['dtype']}, {m['torch_threads']} thread(s), {st['reps']} interleaved "
              f"rounds per cell; load average {m['loadavg_start'][0]:.1f} at start, "
              f"{m['loadavg_end'][0]:.1f} at end (a machine shared with other jobs: trust the paired "
@@ -227,6 +231,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 round, small cells: a smoke test")
+    ap.add_argument("--family", default="qwen", choices=["qwen", "gemma"],
+                    help="Qwen2.5-VL-3B-shaped or Gemma3-4B-shaped (image tokens: a square)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--image-tokens", type=int, default=None, help="default 256 (--quick: 16)")
     ap.add_argument("--batches", default=None, help="default 1,8 (--quick: 1,2)")
@@ -269,7 +275,7 @@ def main(argv=None) -> dict:
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     result = {"machine": machine_info(device), "cells": [], "targets": []}
     spec, hf, model = build(args)
-    result["setup"] = {"layers": args.layers, "image_tokens": args.image_tokens, "device": args.device,
+    result["setup"] = {"family": args.family, "layers": args.layers, "image_tokens": args.image_tokens, "device": args.device,
                        "dtype": args.dtype, "reps": args.reps, "quick": args.quick}
     with torch.inference_mode():
         for batch in [int(x) for x in args.batches.split(",")]:
