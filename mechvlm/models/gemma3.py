@@ -110,6 +110,7 @@ class Gemma3Family(ModelFamily):
             d_head=tc.head_dim,
             d_mlp=tc.intermediate_size,
             d_vocab=tc.vocab_size,
+            n_ctx=tc.max_position_embeddings,
             eps=tc.rms_norm_eps,
             act_fn=tc.hidden_activation,
             attn_scale=float(tc.query_pre_attn_scalar) ** -0.5,

@@ -66,6 +66,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             d_head=d_head,
             d_mlp=tc.intermediate_size,
             d_vocab=tc.vocab_size,
+            n_ctx=tc.max_position_embeddings,
             eps=tc.rms_norm_eps,
             act_fn=tc.hidden_act,
             attn_scale=d_head**-0.5,
