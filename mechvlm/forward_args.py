@@ -14,7 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
+
+
+class VLMBatch(dict):
+    """The batch dict ``to_inputs`` returns (``input_ids``, ``attention_mask``,
+    ``pixel_values``, ...), with ``shape`` = ``input_ids.shape``: TransformerLens'
+    ``patching`` functions read ``corrupted_tokens.shape`` of what they pass to the model."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self["input_ids"].shape
+
+    def to(self, device) -> "VLMBatch":
+        return VLMBatch({k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.items()})
 
 # keys of HF processor outputs that mechvlm derives itself from input_ids
 _DERIVED_KEYS = ("mm_token_type_ids",)

@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechvlm.forward_args import VLMBatch
+
 
 def _require(model, what: str):
     if getattr(model, "tokenizer", None) is None:
@@ -139,10 +141,11 @@ class TokenizerMixin:
 
     # ----------------------------------------------------------------------- images --
     def to_inputs(self, prompt: str | list[str], images: Any = None, *, chat_template: bool = True,
-                  targets: str | list[str] | None = None) -> dict[str, Tensor]:
+                  targets: str | list[str] | None = None, with_image_embeds: bool = False) -> VLMBatch:
         """Prompt(s) and PIL images -> the batch dict ``forward`` / ``run_with_cache`` take
         (``input_ids``, ``attention_mask``, ``pixel_values``, Qwen's ``image_grid_thw``),
-        left-padded, on the model's device.
+        left-padded, on the model's device, as a `VLMBatch` (a dict with ``.shape``, so that
+        TransformerLens' patching functions take it as their ``corrupted_tokens``).
 
         ``images``: one image, a list of images for one prompt, or one list per prompt.
         ``chat_template=True`` renders a user turn (images first) with a generation prompt;
@@ -150,6 +153,9 @@ class TokenizerMixin:
         (``<|vision_start|><|image_pad|><|vision_end|>`` / ``<start_of_image>``).
         ``targets`` (chat template only): answers appended after the prompt; the batch then
         also holds ``target_mask`` (bool ``[batch, pos]``) for ``return_type="loss"``.
+        ``with_image_embeds=True`` also runs the vision encoder once and stores its output
+        as ``image_embeds``: every forward on the batch then skips the tower (patching
+        sweeps run the model hundreds of times); ``hook_image_embeds`` still fires.
         """
         builder = self.input_builder
         if builder is None:
@@ -175,7 +181,11 @@ class TokenizerMixin:
             enc = builder.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
                                     return_tensors="pt")
             batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **tensors}
-        return {k: v.to(self.device) for k, v in batch.items()}
+        batch = VLMBatch(batch).to(self.device)
+        if with_image_embeds and "pixel_values" in batch:
+            with torch.no_grad():
+                batch["image_embeds"] = self.encode_images(batch["pixel_values"], batch.get("image_grid_thw"))
+        return batch
 
 
 def _image_lists(images, n_prompts: int) -> list[list]:
