@@ -61,7 +61,8 @@ class VLMConfig:
     TransformerLens' derived names are properties: ``n_key_value_heads``,
     ``positional_embedding_type`` (``"rotary"``), ``gated_mlp``, ``final_rms``,
     ``original_architecture``, ``window_size``, ``rotary_dim``, ``rotary_base``,
-    ``d_vocab_out``, ``model_name``, ``use_normalization_before_and_after``.
+    ``d_vocab_out``, ``model_name``, ``use_normalization_before_and_after``,
+    ``rmsnorm_uses_offset``.
     """
 
     architecture: str
@@ -167,6 +168,11 @@ class VLMConfig:
     @property
     def d_vocab_out(self) -> int:
         return self.d_vocab
+
+    @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """Gemma3's norms scale by ``1 + w``."""
+        return self.model_type == "gemma3"
 
     @property
     def use_normalization_before_and_after(self) -> bool:

@@ -18,7 +18,7 @@ Conventions, as TransformerLens':
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -59,7 +59,11 @@ class TokenizerMixin:
     def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
                   padding_side: Literal["left", "right"] | None = None, move_to_device: bool = True,
                   truncate: bool = True) -> Int[Tensor, "batch pos"]:
-        """Text -> token ids ``[batch, pos]`` (TL's ``to_tokens``); raw text, no chat template."""
+        """Text -> token ids ``[batch, pos]`` (TL's ``to_tokens``); raw text, no chat template.
+        A batch mapping (``to_inputs``) gives its ``input_ids``, so that TL helpers that
+        tokenize their input (the head detector) take one; they still need its cache."""
+        if isinstance(input, Mapping):
+            return input["input_ids"].to(self.device) if move_to_device else input["input_ids"]
         tok = _require(self, "to_tokens")
         if prepend_bos is None:
             prepend_bos = self.cfg.default_prepend_bos

@@ -118,6 +118,24 @@ class WeightsMixin:
 
         return FactoredMatrix(self.W_V, self.W_O)
 
+    def tl_parameters(self) -> dict[str, Tensor]:
+        """TransformerLens-named weights (``embed.W_E``, ``blocks.{l}.attn.W_Q`` ..., ``unembed.W_U``;
+        ``blocks.{l}.ln1.w``/``ln2.w`` and ``ln_final.w`` only while not folded), what
+        `SVDInterpreter` reads. Views: an edit edits the model."""
+        out = {"embed.W_E": self.W_E}
+        for l, b in enumerate(self.blocks):
+            p = f"blocks.{l}."
+            for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+                out[p + "attn." + name] = getattr(b.attn, name)
+            for name in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
+                out[p + "mlp." + name] = getattr(b.mlp, name)
+            if not self.cfg.ln_folded:
+                out[p + "ln1.w"], out[p + "ln2.w"] = b.ln1.w, b.ln2.w
+        if not self.cfg.ln_folded:
+            out["ln_final.w"] = self.ln_final.w
+        out["unembed.W_U"], out["unembed.b_U"] = self.W_U, self.b_U
+        return out
+
     # ------------------------------------------------------------ residual directions --
     def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
         """The ``W_U`` columns of ``tokens``: ``[d_model]`` for a str, an int or a scalar
