@@ -18,17 +18,71 @@ import torch
 from torch import Tensor
 
 
+_ROW_KEYS = ("input_ids", "attention_mask", "target_mask", "token_type_ids")
+
+
 class VLMBatch(dict):
     """The batch dict ``to_inputs`` returns (``input_ids``, ``attention_mask``,
-    ``pixel_values``, ...), with ``shape`` = ``input_ids.shape``: TransformerLens'
-    ``patching`` functions read ``corrupted_tokens.shape`` of what they pass to the model."""
+    ``pixel_values``, ...), usable where TransformerLens code expects a tokens tensor:
+    ``shape`` is ``input_ids.shape`` (TL's ``patching`` reads ``corrupted_tokens.shape``),
+    ``len()`` is the batch size, and ``batch[rows]`` (a slice or a list of row indices)
+    selects rows together with their images (pixels, grids, precomputed image features).
+    String keys work as for any dict.
+
+    ``image_token_id``: the image placeholder id (set by ``to_inputs``); row selection needs it.
+    """
+
+    def __init__(self, *args, image_token_id: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_token_id = image_token_id
 
     @property
     def shape(self) -> torch.Size:
         return self["input_ids"].shape
 
+    def __len__(self) -> int:
+        return self["input_ids"].shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.select_rows(key)
+
     def to(self, device) -> "VLMBatch":
-        return VLMBatch({k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.items()})
+        return VLMBatch({k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.items()},
+                        image_token_id=self.image_token_id)
+
+    def select_rows(self, rows: slice | list[int] | Tensor) -> "VLMBatch":
+        """The rows ``rows`` (a slice or index list) with the images they hold."""
+        ids = self["input_ids"]
+        if isinstance(rows, int):
+            raise TypeError("index a VLMBatch with a slice or a list (batch[i:i + 1]), not an int")
+        keep = torch.arange(ids.shape[0])[rows].reshape(-1).tolist()
+        out = {k: v[keep] for k, v in self.items() if k in _ROW_KEYS}
+        if "pixel_values" in self or "image_embeds" in self:
+            if self.image_token_id is None:
+                raise ValueError("this VLMBatch has images but no image_token_id: cannot select rows")
+            is_img = (ids == self.image_token_id).cpu()
+            starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+            owner = torch.repeat_interleave(torch.arange(ids.shape[0]), starts.sum(1))  # row of each image
+            tokens_per_image = [len(r) for r in torch.tensor_split(is_img.flatten().nonzero()[:, 0],
+                                                                   starts.flatten().nonzero()[1:, 0].tolist())] \
+                if starts.any() else []
+            chosen = [i for r in keep for i in (owner == r).nonzero()[:, 0].tolist()]
+            grid = self.get("image_grid_thw")
+            if grid is not None:
+                out["image_grid_thw"] = grid[chosen]
+            if "pixel_values" in self:
+                pv = self["pixel_values"]
+                if grid is not None:  # Qwen2.5-VL: t*h*w patch rows per image
+                    parts = pv.split(grid.prod(-1).tolist())
+                    out["pixel_values"] = torch.cat([parts[i] for i in chosen]) if chosen else pv[:0]
+                else:
+                    out["pixel_values"] = pv[chosen]
+            if "image_embeds" in self:
+                parts = self["image_embeds"].split(tokens_per_image)
+                out["image_embeds"] = torch.cat([parts[i] for i in chosen]) if chosen else self["image_embeds"][:0]
+        return VLMBatch(out, image_token_id=self.image_token_id)
 
 # keys of HF processor outputs that mechvlm derives itself from input_ids
 _DERIVED_KEYS = ("mm_token_type_ids",)

@@ -9,7 +9,8 @@ Conventions, as TransformerLens':
     * ``prepend_bos=None`` means ``cfg.default_prepend_bos`` (True when the tokenizer has a
       BOS token: Gemma3; False for Qwen2.5-VL, whose tokenizer has none). When the tokenizer
       does not add the BOS itself (``cfg.tokenizer_prepends_bos`` False), it is prepended as
-      a string, as TL does.
+      a string, as TL does. A tokenizer without a BOS token (Qwen) gets TL's fallback, its
+      EOS token, for an explicit ``prepend_bos=True`` (the tokenizer object is not changed).
     * ``padding_side=None`` means right padding (TL's default). A right-padded batch from
       ``to_tokens`` runs without an attention mask: causal attention keeps the pads out of
       the real tokens. ``to_inputs`` left-pads and returns the mask (generation needs it).
@@ -41,6 +42,7 @@ class TokenizerMixin:
 
     tokenizer: Any = None
     input_builder: Any = None
+    _bos_text: str | None = None
 
     def set_tokenizer(self, tokenizer, input_builder=None) -> None:
         """Attach a HF tokenizer (and optionally the `InputBuilder` ``to_inputs`` uses) and
@@ -51,6 +53,7 @@ class TokenizerMixin:
             return
         self.cfg.tokenizer_name = getattr(tokenizer, "name_or_path", None)
         self.cfg.default_prepend_bos = tokenizer.bos_token is not None
+        self._bos_text = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.cfg.tokenizer_prepends_bos = bool(
             tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id)
@@ -68,10 +71,10 @@ class TokenizerMixin:
         if prepend_bos is None:
             prepend_bos = self.cfg.default_prepend_bos
         texts = [input] if isinstance(input, str) else list(input)
-        if prepend_bos and tok.bos_token is None:
-            raise ValueError("prepend_bos=True but the tokenizer has no BOS token (Qwen2.5-VL has none)")
+        if prepend_bos and self._bos_text is None:
+            raise ValueError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
         if prepend_bos and not self.cfg.tokenizer_prepends_bos:
-            texts = [tok.bos_token + t for t in texts]
+            texts = [self._bos_text + t for t in texts]
         add_special = bool(prepend_bos and self.cfg.tokenizer_prepends_bos)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special,
                   padding_side=padding_side or "right", truncation=truncate,
@@ -185,7 +188,7 @@ class TokenizerMixin:
             enc = builder.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
                                     return_tensors="pt")
             batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **tensors}
-        batch = VLMBatch(batch).to(self.device)
+        batch = VLMBatch(batch, image_token_id=self.cfg.image_token_id).to(self.device)
         if with_image_embeds and "pixel_values" in batch:
             with torch.no_grad():
                 batch["image_embeds"] = self.encode_images(batch["pixel_values"], batch.get("image_grid_thw"))

@@ -15,6 +15,13 @@ for fam in ("qwen2_5_vl", "gemma3"):
     with _bridge_without_torchvision([]):
         br = build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config, tokenizer=tok)
     print(fam, "bridge tokenizer:", getattr(br, "tokenizer", None) is not None, "default_prepend_bos", br.cfg.default_prepend_bos)
+    print("  'hook_pos_embed' in the bridge's hook_dict:", "hook_pos_embed" in br.hook_dict)
+    try:
+        _, c = br.run_with_cache(br.to_tokens(" red circle square"))
+        c["pos_embed"]
+        print("  cache['pos_embed']: ok")
+    except KeyError as e:
+        print("  cache['pos_embed']: KeyError", e)
     if getattr(br, "tokenizer", None) is None:
         from transformer_lens.model_bridge.sources._hf_format import setup_tokenizer  # noqa
     try:
