@@ -102,6 +102,9 @@ _XFAIL = {
         "test_get_full_resid_decomposition_apply_ln_and_project_1d",
         "test_get_full_resid_decomposition_apply_ln_and_project_2d",
         "test_stack_neuron_results_apply_ln_projection_skips_dmodel_materialization")},
+    "test_stack_neuron_results_project_incl_remainder": [(lambda f, k: k == "image", False, (
+        "fp32: with an image the remainder holds the image features (entries ~40), where TL's absolute atol=1e-5 "
+        "is a relative 2.5e-7, at fp32's resolution; tuned for solu-2l's small residual"))],
     "test_logit_attrs_matches_reference_code": [(_gemma3, False, (
         "fp32 summation order: the two reductions differ by ~2e-7 on Gemma3's larger (sqrt(d_model)-scaled) "
         "residual, above TL's atol=1.1e-7 tuned for solu-2l"))],
