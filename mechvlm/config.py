@@ -45,6 +45,8 @@ class VLMConfig:
         bos_token_id, eos_token_id, pad_token_id: from the HF config (may be ``None``).
         spatial_merge_size: vision patches merged per side into one LM token (Qwen: 2).
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
+        n_ctx: the HF ``max_position_embeddings`` (TransformerLens' name); a longer input
+            warns once (None: unknown).
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
@@ -53,7 +55,6 @@ class VLMConfig:
         attn_only: constant TransformerLens' ActivationCache reads.
         use_split_qkv_input, use_attn_in, use_hook_mlp_in, use_hook_tokens: the opt-in hooks
             (``HookedVLM.set_use_*``).
-        n_ctx: the context length (the HF ``max_position_embeddings``).
         default_prepend_bos, tokenizer_prepends_bos, tokenizer_name: set from the attached
             tokenizer (TransformerLens' meaning).
         ln_folded: True after ``process_weights_(fold_ln=True)``.
@@ -93,6 +94,7 @@ class VLMConfig:
     pad_token_id: int | None = None
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
+    n_ctx: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     use_attn_result: bool = False
@@ -102,7 +104,6 @@ class VLMConfig:
     use_attn_in: bool = False
     use_hook_mlp_in: bool = False
     use_hook_tokens: bool = False
-    n_ctx: int = 2048
     default_prepend_bos: bool = False
     tokenizer_prepends_bos: bool = False
     tokenizer_name: str | None = None

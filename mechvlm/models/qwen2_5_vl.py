@@ -66,7 +66,6 @@ class Qwen2_5_VLFamily(ModelFamily):
             d_head=d_head,
             d_mlp=tc.intermediate_size,
             d_vocab=tc.vocab_size,
-            n_ctx=tc.max_position_embeddings,
             eps=tc.rms_norm_eps,
             act_fn=tc.hidden_act,
             attn_scale=d_head**-0.5,
@@ -84,6 +83,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             pad_token_id=tc.pad_token_id,
             spatial_merge_size=hf_config.vision_config.spatial_merge_size,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            n_ctx=getattr(tc, "max_position_embeddings", None),
             dtype=dtype,
             device=str(device),
         )
