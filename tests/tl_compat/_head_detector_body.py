@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from _tl_models import toy_model
-from conftest import make_input, n_tokens
+from _tl_ports import make_input, n_tokens
 
 from transformer_lens.head_detector import detect_head as tl_detect_head
 from transformer_lens.head_detector import (

@@ -13,7 +13,7 @@ from transformer_lens import utilities as utils  # port: 4.3 names it utilities
 from transformer_lens.utilities import Slice
 
 from _tl_models import toy_model
-from conftest import VARIANTS, make_input
+from _tl_ports import VARIANTS, make_input
 
 # IOI-shaped prompts in toy words (TL's use names that are single GPT-2 tokens): each prompt
 # names the incorrect answer, all have the same length (one token per word)

@@ -10,7 +10,7 @@ import torch
 from transformer_lens.patching import get_act_patch_attn_head_all_pos_every
 
 from _tl_models import toy_model
-from conftest import VARIANTS, make_input
+from _tl_ports import VARIANTS, make_input
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=[f"{f}-{k}" for f, k in VARIANTS])

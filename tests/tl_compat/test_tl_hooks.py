@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _tl_models import toy_model
-from conftest import VARIANTS, make_input, n_tokens
+from _tl_ports import VARIANTS, make_input, n_tokens
 
 prompt = "Hello World!"
 model = None
