@@ -39,12 +39,16 @@ class VLMActivationCache(ActivationCache):
     """See the module docstring. ``image_token_rows``: ``[n_image_tokens]`` batch row of each
     image token (None when the input has no image)."""
 
-    def __init__(self, cache_dict, model, has_batch_dim: bool = True, image_token_rows: Tensor | None = None):
+    def __init__(self, cache_dict, model, has_batch_dim: bool = True, image_token_rows: Tensor | None = None,
+                 batch_size: int | None = None):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self.image_token_rows = image_token_rows
+        self.batch_size = batch_size  # the run's, when known (a cache may hold no batch-major entry)
 
     # ------------------------------------------------------------ image embeddings --
     def _batch_size(self) -> int:
+        if self.batch_size is not None and self.has_batch_dim:
+            return self.batch_size
         sizes = [v.size(0) for k, v in self.cache_dict.items() if v.ndim > 0 and k != IMAGE_EMBEDS]
         if not sizes:
             return 1
@@ -60,6 +64,7 @@ class VLMActivationCache(ActivationCache):
         embeds = self.cache_dict.pop(IMAGE_EMBEDS, None)
         try:
             super().remove_batch_dim(batch_size)
+            self.batch_size = None
         finally:
             if embeds is not None:  # a batch of one: every image token is row 0's, nothing to drop
                 self.cache_dict[IMAGE_EMBEDS] = embeds
@@ -70,10 +75,11 @@ class VLMActivationCache(ActivationCache):
             batch_slice = Slice(batch_slice)
         rest = {k: v for k, v in self.cache_dict.items() if k != IMAGE_EMBEDS}
         sliced = ActivationCache(rest, self.model, self.has_batch_dim).apply_slice_to_batch_dim(batch_slice)
-        out = VLMActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim)
+        rows = torch.arange(self._batch_size())
+        kept = batch_slice.apply(rows, dim=0).reshape(-1)
+        out = VLMActivationCache(sliced.cache_dict, self.model, sliced.has_batch_dim,
+                                 batch_size=len(kept) if sliced.has_batch_dim else None)
         if IMAGE_EMBEDS in self.cache_dict and self.image_token_rows is not None:
-            rows = torch.arange(self._batch_size())
-            kept = batch_slice.apply(rows, dim=0).reshape(-1)
             rows_of_tokens = self.image_token_rows.cpu()
             keep = torch.isin(rows_of_tokens, kept)
             # renumber the kept rows 0.. in their new order

@@ -420,8 +420,10 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         ``accumulated_resid``, ..., plus the image-token rows of ``hook_image_embeds``).
         ``incl_bwd=True`` needs a scalar output (``return_type="loss"``)."""
         rows: list[Tensor] = []
+        n_rows: list[int] = []
 
         def image_rows(ids, hook):
+            n_rows.append(ids.shape[0])
             if self.cfg.image_token_id is not None:
                 rows.append((ids == self.cfg.image_token_id).nonzero()[:, 0].cpu())
 
@@ -435,5 +437,6 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
             cache_dict[IMAGE_EMBEDS] = embeds[None]
         if return_cache_object:
             return out, VLMActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False),
-                                           image_token_rows=rows[0] if rows and embeds is not None else None)
+                                           image_token_rows=rows[0] if rows and embeds is not None else None,
+                                           batch_size=n_rows[0] if n_rows and not kwargs.get("remove_batch_dim") else None)
         return out, cache_dict

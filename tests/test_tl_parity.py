@@ -277,6 +277,9 @@ def test_image_embeds_cache_slices_by_row(family):
     assert torch.allclose(row1["hook_image_embeds"], own, atol=1e-5)
     assert row1["hook_embed"].shape == batch["input_ids"].shape[1:] + (model.cfg.d_model,)
     assert torch.allclose(cache.image_embeds_by_row(1), own, atol=1e-5)
+    with torch.no_grad():  # a cache holding nothing batch-major still knows its rows
+        _, only = model.run_with_cache(batch, names_filter="hook_image_embeds")
+    assert torch.allclose(only.apply_slice_to_batch_dim(1)["hook_image_embeds"], own, atol=1e-5)
     first = cache.apply_slice_to_batch_dim([0])
     assert first["hook_image_embeds"].shape == (n, model.cfg.d_model) and first.has_batch_dim
     with torch.no_grad():
