@@ -11,6 +11,8 @@ import torch
 from _tl_models import toy_model
 from _tl_ports import make_input, n_tokens
 
+pytestmark = pytest.mark.slow  # port: hundreds of forwards
+
 from transformer_lens.head_detector import detect_head as tl_detect_head
 from transformer_lens.head_detector import (
     HEAD_NAMES,

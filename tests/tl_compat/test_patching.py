@@ -12,6 +12,8 @@ from transformer_lens.patching import get_act_patch_attn_head_all_pos_every
 from _tl_models import toy_model
 from _tl_ports import VARIANTS, make_input
 
+pytestmark = pytest.mark.slow  # port: hundreds of forwards
+
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=[f"{f}-{k}" for f, k in VARIANTS])
 def variant(request):
