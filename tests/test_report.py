@@ -53,7 +53,7 @@ def _assert_first_tokens_match_hf(model_dir, items, records) -> None:
 
 
 def test_report_on_the_shipped_toy_qwen(tmp_path):
-    res = _run(tmp_path, "--limit", "20")
+    res = _run(tmp_path, "--model", str(SHIPPED["qwen2_5_vl"]), "--limit", "20")
     assert res["n_items"] == 20 and res["model_type"] == "qwen2_5_vl"
     ko = res["knockout"]
     assert set(ko) == {"none", "text→image:pre_softmax_mask", "text→image:post_softmax_zero",
@@ -91,7 +91,8 @@ def test_report_optional_sections_and_chosen_conditions(tmp_path):
     from mechvlm import HookedVLM, logit_lens
     from mechvlm.report.run import metric_batches
 
-    res = _run(tmp_path, "--limit", "4", "--batch-size", "2", "--analyses", "logit_lens",
+    res = _run(tmp_path, "--model", str(SHIPPED["qwen2_5_vl"]), "--limit", "4", "--batch-size", "2",
+               "--analyses", "logit_lens",
                "--conditions", "none,text->image:pre_softmax_mask")
     assert set(res["knockout"]) == {"none", "text→image:pre_softmax_mask"}
     lens = res["analyses"]["logit_lens"]
@@ -108,5 +109,5 @@ def test_report_unknown_section_or_condition_fails_before_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown report analysis 'nope'.*logit_lens"):
         main(["report", "--model", str(tmp_path / "missing"), "--analyses", "nope", "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="unknown condition 'text->nothing'"):
-        main(["report", "--conditions", "text->nothing", "--limit", "2", "--out", str(tmp_path / "r2"),
-              "--no-progress"])
+        main(["report", "--model", str(tmp_path / "missing"), "--conditions", "text->nothing", "--limit", "2",
+              "--out", str(tmp_path / "r2"), "--no-progress"])
