@@ -13,6 +13,7 @@ import shlex
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from report_helpers import LIMIT, relabelled, toy_runs
 
@@ -199,3 +200,13 @@ def test_tables_of_a_split_without_answers():
     assert t["table1"][0][2] == "-" and t["outputs"][0][4] == "1.000 (3)"
     fig = fig_table1(ko)
     assert not [p for ax in fig.axes for p in ax.patches] and layout_problems(fig) == []
+
+
+def test_layers_shown_are_every_layer_or_evenly_spaced():
+    from mechvlm.report.examples import layers_shown
+
+    assert layers_shown(4) == [0, 1, 2, 3]
+    deep = layers_shown(36)
+    assert len(deep) == 8 and deep[0] == 0 and deep[-1] == 35
+    gaps = np.diff(deep)
+    assert gaps.max() - gaps.min() <= 1

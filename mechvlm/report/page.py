@@ -75,7 +75,7 @@ def _heading(page: Page, anchor: str, text: str, level: int = 2) -> None:
     page.add_html(f'<h{level} id="{anchor}">{_esc(text)}</h{level}>')
 
 
-def how_to_read(runs, n_items: int, tsv: str) -> str:
+def how_to_read(runs, n_items: int, tsv: str, chance: float = 0.25) -> str:
     models = ", ".join(r.label for r in runs)
     li = [
         f"<b>What this is.</b> The analyses of {_esc(SEED000)} run on {len(runs)} model(s) ({_esc(models)}) "
@@ -90,7 +90,8 @@ def how_to_read(runs, n_items: int, tsv: str) -> str:
         "<b>Numbers.</b> Accuracy is the fraction of items whose extracted letter equals the answer "
         "(VLMEvalKit's exact matching; each circular copy is an item). In brackets: the population standard "
         "deviation over items, sqrt(p(1−p)), as in the paper. Error bars in the charts: 95 % Wilson score "
-        "intervals of the accuracy over the items. Chance is 1/4 with four options.",
+        f"intervals of the accuracy over the items. A random guess scores {chance:.3f} here (1/4 with four "
+        "options).",
         "<b>Attention share.</b> Normalised over the image and EOI keys only (attention to other text, the "
         "system prompt or BOS is left out): two readings, head-summed (sum the mass over heads, then take the "
         "ratio) and head-mean (the ratio per head, averaged over heads); Fig. 1 draws each in its own panel.",
@@ -118,17 +119,17 @@ def _toc(has_sections: bool) -> str:
     return '<p class="mechvlm-toc">' + " · ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in links) + "</p>"
 
 
-def _knockout_part(page: Page, runs, n_items: int) -> None:
+def _knockout_part(page: Page, runs, n_items: int, chance: float) -> None:
     ko = {r.label: r.knockout for r in runs}
     _heading(page, "table1", "Table 1: attention knockout in all layers")
     page.add_html(tables.table1_html(ko, n_items))
-    n_opt = "four"
     page.add_html(figure_html(
-        fig_table1(ko), alt="Table 1 as bars, one panel per knockout mode", name="table1",
+        fig_table1(ko, chance=chance), alt="Table 1 as bars, one panel per knockout mode", name="table1",
         caption=(f"Table 1 as bars. One panel per knockout mode; one group per model; the bar colour says which "
                  f"attention of the text tokens is blocked (in every layer and head, generated tokens included). "
                  f"Bar: MMBench accuracy over the {n_items} items; label: accuracy (std over items); error bars: "
-                 f"95 % Wilson score interval over the {n_items} items; dashed line: chance with {n_opt} options.")))
+                 f"95 % Wilson score interval over the {n_items} items; dashed line: chance, the mean of "
+                 f"1 / (number of options) over the items ({chance:.3f}).")))
     page.add_html(tables.outputs_html(ko))
     _heading(page, "categories", "Per category and circular accuracy")
     page.add_html(tables.per_category_html(ko))
@@ -267,16 +268,17 @@ def _footer(info: dict, runs) -> str:
             f"checkout of the same versions.</caption><tbody>{body}</tbody></table></footer>")
 
 
-def build_page(runs, *, n_items: int, tsv: str, info: dict) -> Page:
-    """The whole report page for the model runs (`mechvlm.report.run.ModelRun`)."""
+def build_page(runs, *, n_items: int, tsv: str, info: dict, chance: float = 0.25) -> Page:
+    """The whole report page for the model runs (`mechvlm.report.run.ModelRun`); ``chance``:
+    the accuracy of a random guess, the mean of 1 / (number of options) over the items."""
     labels = ", ".join(r.label for r in runs)
     page = Page(f"mechvlm report: {labels}")
     page.add_html(PAGE_STYLE)
     page.add_text(f"{len(runs)} model(s): {labels}. Benchmark: {tsv}, {n_items} items. "
                   f"Wall time {info['wall_s']} s on {info['device']}, {info['dtype']}.")
     page.add_html(_toc(bool(runs[0].sections)))
-    page.add_html(how_to_read(runs, n_items, tsv))
-    _knockout_part(page, runs, n_items)
+    page.add_html(how_to_read(runs, n_items, tsv, chance))
+    _knockout_part(page, runs, n_items, chance)
     _share_part(page, runs)
     _received_part(page, runs)
     _examples_part(page, runs)

@@ -87,7 +87,8 @@ def write_outputs(runs, cfg, items, out: Path, info: dict) -> dict:
     results = results_dict(runs, cfg, items, info)
     write_json(out / "results.json", _jsonable(results))
     save_results({r.label: r.knockout for r in runs}, out)
-    page = build_page(runs, n_items=len(items), tsv=str(cfg.tsv()), info=info)
+    chance = sum(1 / max(1, len(it.options)) for it in items) / len(items)
+    page = build_page(runs, n_items=len(items), tsv=str(cfg.tsv()), info=info, chance=chance)
     write_text(out / "report.html", page.html())
     return results
 

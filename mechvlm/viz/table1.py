@@ -133,7 +133,7 @@ def fig_table1(results: Mapping, *, chance: float | None = 0.25, panel_width: fl
         from matplotlib.lines import Line2D
 
         handles.append(Line2D([], [], ls="--", lw=0.8, color="black", alpha=0.6))
-        labels.append(f"chance ({chance:g})")
+        labels.append(f"chance ({chance:.3g})")
     axes[0, -1].legend(handles, labels, title="blocked", fontsize=7, title_fontsize=7, loc="upper left",
                        bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
