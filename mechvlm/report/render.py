@@ -20,6 +20,15 @@ from ..mmbench.report_tables import outputs_table, save_results, table1
 from .page import MODE_NOTE, build_page  # noqa: F401  (MODE_NOTE: kept for importers)
 
 
+NOT_SCORED_NOTE = ("Accuracy is not available: the benchmark has no answers (a test split). The "
+                   "predictions and the output kinds are in mmbench_items.csv and results.json.")
+
+
+def scored(knockout: dict) -> bool:
+    """True when some condition has an accuracy (False for a TSV without answers)."""
+    return any(s.get("accuracy") is not None for s in knockout.values())
+
+
 def _jsonable(x):
     if isinstance(x, torch.Tensor):
         return _jsonable(x.tolist())
@@ -98,6 +107,8 @@ def print_summary(results: dict, out: Path) -> None:
     print(table1(ko))
     print()
     print(outputs_table(ko))
+    if not any(scored(k) for k in ko.values()):
+        print("\naccuracy: not available (the benchmark has no answers)")
     for m in results["models"]:
         share = m["attention_share"]
         v = torch.as_tensor(share["mean_head_share"])

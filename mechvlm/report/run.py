@@ -15,6 +15,12 @@ command runs offline and prints the seed's Table 1 shape (model x {none, text->i
 text->EOI}, both modes); point ``models`` at local Qwen2.5-VL / Gemma3 checkpoint
 directories (HF layout, with tokenizer and image processor) and ``mmbench`` at a real
 MMBench TSV for the real thing. The metrics stream (no attention pattern is cached).
+
+Before any compute: the arguments are checked, every checkpoint directory and the TSV must
+exist, ``out`` must be writable and hold no file mechvlm did not write there
+(`mechvlm.outdir`; ``overwrite=True`` replaces them), and the TSV is read and its images
+decoded (a broken row fails in seconds, naming its line). The folder's manifest lists what
+the report wrote.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from ..metrics import attention_share, received_attention
 from ..mmbench.conditions import CONDITIONS, resolve_conditions
 from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
-from ..mmbench.tsv import load_mmbench
+from ..mmbench.tsv import check_item_images, load_mmbench
+from ..outdir import prepare_out_dir, write_manifest
 from ..processing import InputBuilder
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import FAMILIES, SHIPPED
@@ -54,6 +61,28 @@ class ReportConfig:
     analyses: tuple[str, ...] = ()  # optional sections (`mechvlm.report.sections.ANALYSES`)
     examples: int = 4  # items drawn as attention-on-image rows (one per category)
     progress: bool = True
+    overwrite: bool = False  # replace files in ``out`` that mechvlm did not write
+
+    def check(self) -> None:
+        """Refuse out-of-range arguments and missing inputs (naming them) before any work."""
+        for name, value in (("limit", self.limit), ("batch_size", self.batch_size),
+                            ("max_new_tokens", self.max_new_tokens)):
+            if value is None and name == "limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
+            raise ValueError(f"examples must be a non-negative integer, got {self.examples!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for path in self.model_dirs():  # every checkpoint is checked before the first one runs
+            if not path.is_dir():
+                what = "is a file, not a directory" if path.exists() else "does not exist"
+                raise FileNotFoundError(f"no such directory: {path} (the model directory {what}; give a local "
+                                        "checkpoint directory with config.json, weights, tokenizer and image "
+                                        "processor)")
+        if not self.tsv().is_file():
+            raise FileNotFoundError(f"no such file: {self.tsv()} (the MMBench TSV)")
 
     def model_dirs(self) -> list[Path]:
         """The checkpoints in order: ``model`` then ``models``; both shipped toys when neither
@@ -101,12 +130,8 @@ def model_labels(paths: list[Path]) -> list[str]:
 
 
 def load(cfg: ReportConfig, path: Path | None = None) -> tuple[HookedVLM, InputBuilder]:
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    cfg.check()
     path = Path(path) if path is not None else cfg.model_dir()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (give a local checkpoint "
-                                "directory with config.json, weights, tokenizer and image processor)")
     model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
     return model, InputBuilder.from_pretrained(path)
@@ -116,7 +141,8 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
     """Left-padded batches of the seed prompts with their images, lazily."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        yield builder([mmbench_prompt(it) for it in chunk], [[it.pil_image()] for it in chunk])
+        yield builder([mmbench_prompt(it) for it in chunk],
+                      [[it.pil_image()] if it.image is not None else [] for it in chunk])
 
 
 def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, index: int = 0,
@@ -155,29 +181,31 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
     return run
 
 
-def compute_runs(cfg: ReportConfig) -> tuple[list, list[ModelRun], dict]:
-    """Everything but the writing: ``(items, runs, run info)``. Unknown sections and missing
-    checkpoint directories fail before any model loads."""
+def compute_runs(cfg: ReportConfig, *, prepare_out: bool = False):
+    """Everything but the writing: ``(items, runs, run info)``, plus the state of ``out``
+    before the run (`mechvlm.outdir.prepare_out_dir`) when ``prepare_out``. Unknown sections
+    or conditions, bad arguments, missing checkpoints, a ``out`` that cannot be written and
+    broken TSV rows fail before any model loads."""
     from .runinfo import run_info
     from .sections import resolve_analyses
 
     t0 = time.time()
     sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
     resolve_conditions(list(cfg.conditions))  # so do unknown conditions
-    paths = cfg.model_dirs()
-    for p in paths:  # every checkpoint is checked before the first one runs
-        if not p.is_dir():
-            raise FileNotFoundError(f"model directory {p} does not exist (give a local checkpoint "
-                                    "directory with config.json, weights, tokenizer and image processor)")
-    items = load_mmbench(cfg.tsv())
+    cfg.check()
+    out_state = prepare_out_dir(cfg.out, overwrite=cfg.overwrite) if prepare_out else None
+    items = load_mmbench(cfg.tsv(), check_images=False)
     if cfg.limit is not None:
         items = items[:cfg.limit]
     if not items:
         raise ValueError(f"no items to evaluate in {cfg.tsv()}")
+    check_item_images(items, cfg.tsv())  # a broken image fails now, not after the compute
+    paths = cfg.model_dirs()
     labels = model_labels(paths)
     runs = [run_model(cfg, p, label, items, sections, index=i, n_models=len(paths))
             for i, (p, label) in enumerate(zip(paths, labels))]
-    return items, runs, run_info(cfg, wall_s=round(time.time() - t0, 2), runs=runs)
+    info = run_info(cfg, wall_s=round(time.time() - t0, 2), runs=runs)
+    return (items, runs, info, out_state) if prepare_out else (items, runs, info)
 
 
 def run_report(cfg: ReportConfig) -> dict:
@@ -185,7 +213,8 @@ def run_report(cfg: ReportConfig) -> dict:
     results dict (the JSON's content: see `mechvlm.report.render`)."""
     from .render import print_summary, write_outputs
 
-    items, runs, info = compute_runs(cfg)
+    items, runs, info, out_state = compute_runs(cfg, prepare_out=True)
     results = write_outputs(runs, cfg, items, Path(cfg.out), info)
+    write_manifest(cfg.out, out_state, command="mechvlm report")
     print_summary(results, Path(cfg.out))
     return results
