@@ -16,6 +16,7 @@ import numpy as np
 
 from ..viz import Page, fig_attention_share, fig_received_attention, fig_table1, figure_to_img_html
 from ..viz.layout import measure_layout
+from ..viz.text import plain
 from . import tables
 from .examples import layers_shown
 
@@ -54,6 +55,15 @@ MODE_NOTE = (
 
 
 ROLE_NAMES = {"image": "image", "eoi": "EOI"}
+
+
+NOT_SCORED_NOTE = ("Accuracy is not available: the benchmark has no answers (a test split). The "
+                   "predictions and the output kinds are in mmbench_items.csv and results.json.")
+
+
+def scored(knockout: dict) -> bool:
+    """True when some condition has an accuracy (False for a TSV without answers)."""
+    return any(s.get("accuracy") is not None for s in knockout.values())
 
 
 def _esc(x) -> str:
@@ -123,6 +133,8 @@ def _knockout_part(page: Page, runs, n_items: int, chance: float) -> None:
     ko = {r.label: r.knockout for r in runs}
     _heading(page, "table1", "Table 1: attention knockout in all layers")
     page.add_html(tables.table1_html(ko, n_items))
+    if not any(scored(k) for k in ko.values()):
+        page.add_text(NOT_SCORED_NOTE)
     page.add_html(figure_html(
         fig_table1(ko, chance=chance), alt="Table 1 as bars, one panel per knockout mode", name="table1",
         caption=(f"Table 1 as bars. One panel per knockout mode; one group per model; the bar colour says which "
@@ -142,7 +154,7 @@ def _share_part(page: Page, runs) -> None:
     for r in runs:
         s = r.share
         fig = fig_attention_share({"(a)": s, "(b)": s}, reading=("head_sum", "head_mean"), width=3.6,
-                                  height=3.0, title=r.label)
+                                  height=3.0, title=plain(r.label))
         figs.append(figure_html(
             fig, alt=f"attention share per layer, {r.label}", name=f"fig1:{r.label}",
             caption=(f"{r.label}: share of the text tokens' attention on the image tokens vs the EOI token, per "
@@ -168,7 +180,7 @@ def _received_part(page: Page, runs) -> None:
     for r in runs:
         shown = layers_shown(len(r.received.layers))
         drawn = [r.received.layers[i] for i in shown]
-        fig = fig_received_attention({"": r.received}, layers=drawn, width=4.4, height=3.6, title=r.label)
+        fig = fig_received_attention({"": r.received}, layers=drawn, width=4.4, height=3.6, title=plain(r.label))
         which = ("one curve per layer" if len(drawn) == len(r.received.layers) else
                  f"layers drawn: {', '.join(map(str, drawn))} of {len(r.received.layers)} (all in the table)")
         figs.append(figure_html(

@@ -17,16 +17,7 @@ import torch
 
 from ..fileio import write_json, write_text
 from ..mmbench.report_tables import outputs_table, save_results, table1
-from .page import MODE_NOTE, build_page  # noqa: F401  (MODE_NOTE: kept for importers)
-
-
-NOT_SCORED_NOTE = ("Accuracy is not available: the benchmark has no answers (a test split). The "
-                   "predictions and the output kinds are in mmbench_items.csv and results.json.")
-
-
-def scored(knockout: dict) -> bool:
-    """True when some condition has an accuracy (False for a TSV without answers)."""
-    return any(s.get("accuracy") is not None for s in knockout.values())
+from .page import MODE_NOTE, NOT_SCORED_NOTE, build_page, scored  # noqa: F401  (kept for importers)
 
 
 def _jsonable(x):

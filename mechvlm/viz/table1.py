@@ -17,6 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mechvlm.viz.text import plain
+
 __all__ = ["wilson_ci95", "fig_table1", "table1_entries", "annotate_bars", "untangle_ticks", "wrap_label", "DIRECTION_LABELS"]
 
 Z95 = 1.959963984540054
@@ -118,15 +120,15 @@ def fig_table1(results: Mapping, *, chance: float | None = 0.25, panel_width: fl
                 notes.append(_fmt(acc) + (f" ({_fmt(std)})" if std is not None else ""))
             if not xs:
                 continue
-            bars = ax.bar(xs, ys, width=bw * 0.92, color=colors[d], label=DIRECTION_LABELS.get(d, d),
+            bars = ax.bar(xs, ys, width=bw * 0.92, color=colors[d], label=plain(DIRECTION_LABELS.get(d, d)),
                           yerr=np.array([lo, hi]) if error else None, capsize=2,
                           error_kw={"elinewidth": 0.8, "ecolor": "black"})
             labelled.append((ax, bars, notes, [y + h for y, h in zip(ys, hi)]))
         if chance is not None:
             ax.axhline(chance, ls="--", lw=0.8, color="black", alpha=0.6, zorder=0)
-        ax.set_xticks(range(len(models)), [wrap_label(m) for m in models], fontsize=8)
+        ax.set_xticks(range(len(models)), [wrap_label(plain(m)) for m in models], fontsize=8)
         ax.set_xlim(-0.6, len(models) - 0.4)
-        ax.set_title(f"knockout mode: {mode}" if mode else "accuracy", fontsize=9)
+        ax.set_title(plain(f"knockout mode: {mode}") if mode else "accuracy", fontsize=9)
     axes[0, 0].set_ylabel("MMBench accuracy")
     handles, labels = axes[0, -1].get_legend_handles_labels()
     if chance is not None:
