@@ -303,6 +303,18 @@ class VLMKeyValueCache:
         return prepared, mask
 
 
+def check_cached_forward(return_type, start_at_layer, stop_at_layer, offset: int) -> None:
+    """Raise for the forward options a KV cache cannot serve: a partial stack of layers
+    (every layer's entry must grow together) and a loss over a continuation (it needs the
+    whole sequence)."""
+    if start_at_layer is not None or stop_at_layer is not None:
+        raise ValueError("start_at_layer / stop_at_layer cannot run with past_kv_cache: the cache needs every "
+                         "layer's keys and values; run the partial stack without the cache")
+    if offset and return_type in ("loss", "both"):
+        raise ValueError(f"return_type={return_type!r} over a KV-cache continuation is not supported: the loss "
+                         "needs the whole sequence; run it without past_kv_cache")
+
+
 def keeps_positions(forward):
     """Decorates `HookedVLM.forward`: publishes the forward's positions for the hooks
     (`mechvlm.forward_positions`; a non-empty ``past_kv_cache`` makes it a continuation at

@@ -22,17 +22,21 @@ RETURN_TYPES = ("input", "str", "tokens", "generation")
 def _tokenizer(model):
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise ValueError("string input needs a tokenizer: set model.tokenizer (e.g. "
-                         "InputBuilder.from_pretrained(path).tokenizer), or pass token ids / a batch")
+        raise ValueError("string input needs a tokenizer: load the model with HookedVLM.from_pretrained(<dir>) "
+                         "or set one (model.set_tokenizer(...)), or pass token ids / a batch (to_inputs)")
     return tok
 
 
 def _encode(model, text: str | list[str], prepend_bos: bool | None) -> dict:
+    """TL's tokenization (``model.to_tokens``, BOS as ``prepend_bos``), each row on its own,
+    then left-padded with an attention mask (generation needs the mask)."""
+    from mechvlm.synthetic import left_pad
+
     tok = _tokenizer(model)
-    kw = {} if prepend_bos is None else {"add_special_tokens": bool(prepend_bos)}
-    enc = tok([text] if isinstance(text, str) else list(text), return_tensors="pt", padding=True,
-              padding_side="left", **kw)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    rows = [model.to_tokens(t, prepend_bos=prepend_bos, move_to_device=False)[0]
+            for t in ([text] if isinstance(text, str) else list(text))]
+    ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def tl_generate(model, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
