@@ -18,6 +18,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
+from mechvlm.image_layout import kept_feature_index
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     ModelFamily,
@@ -128,21 +129,22 @@ class HookedVLM(HookedRootModule):
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
                        attention_mask: Tensor | None = None,
-                       token_type_ids: Tensor | None = None) -> PreparedInputs:
+                       token_type_ids: Tensor | None = None, image_cells=None) -> PreparedInputs:
         """Validate the inputs; find image spans, positions, padding and (Gemma3) the
         bidirectional image blocks."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
-                                          attention_mask, self.device, token_type_ids=token_type_ids)
+                                          attention_mask, self.device, token_type_ids=token_type_ids,
+                                          image_cells=image_cells)
 
     def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
-              attention_mask: Tensor | None = None, **_batch) -> TokenRoles:
+              attention_mask: Tensor | None = None, image_cells=None, **_batch) -> TokenRoles:
         """Token roles of a batch (image, eoi, image_start, prefix, text, bos, pad, last)
         and the merged-grid cell of every image token. Takes the same keyword arguments as
         ``forward`` (``model.roles(**batch)``); pixels are not needed."""
         check_input_ids(input_ids)
         ids = input_ids.to(self.device)
         key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
-        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, image_cells)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     def forward(
@@ -155,6 +157,7 @@ class HookedVLM(HookedRootModule):
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
+        image_cells: list[Int[Tensor, " kept"]] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
@@ -165,9 +168,15 @@ class HookedVLM(HookedRootModule):
         ``image_embeds``: the vision encoder's output for these ``pixel_values``
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
         ``hook_image_embeds`` still sees and may edit it.
+        ``image_cells``: images some of whose tokens were removed from the sequence (see
+        `mechvlm.interventions.remove_image_tokens`): per image (feature order), the
+        increasing row-major cells of its merged grid that its tokens in ``input_ids``
+        stand for. The vision features (and ``image_embeds``, ``hook_image_embeds``) stay
+        those of the whole images; the kept cells' features are scattered in, with the
+        positions of the family's ``prepare_inputs``.
         """
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids)
+                                     token_type_ids, image_cells)
         ids = inputs.input_ids
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
@@ -175,6 +184,8 @@ class HookedVLM(HookedRootModule):
         if inputs.spans:
             feats = self.encode_images(pixel_values, image_grid_thw) if image_embeds is None else image_embeds
             feats = self.hook_image_embeds(feats.to(x.dtype))
+            if image_cells is not None:
+                feats = feats[kept_feature_index(inputs.spans, feats.shape[0]).to(feats.device)]
             image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
             if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
                 raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "
