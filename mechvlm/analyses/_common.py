@@ -51,11 +51,14 @@ def row_losses(model, batch: Mapping, target_mask: Bool[Tensor, "batch pos"], ho
     start = int(cols[0]) - 1  # the position predicting the first target
     grabbed = {}
 
-    def grab(x, hook):
-        grabbed["x"] = x[:, start:]
-        return x
+    def grab(module, args, output):  # the final norm's output (its hook points precede the weight)
+        grabbed["x"] = output[:, start:]
 
-    model.run_with_hooks(**batch, return_type=None, fwd_hooks=list(hooks) + [("ln_final.hook_normalized", grab)])
+    handle = model.ln_final.register_forward_hook(grab)
+    try:
+        model.run_with_hooks(**batch, return_type=None, fwd_hooks=list(hooks))
+    finally:
+        handle.remove()
     logits = model.unembed(grabbed["x"])
     sl = slice(start, None)
     nll = next_token_loss(logits, ids[:, sl], target_mask[:, sl], attention_mask=None if am is None else am[:, sl],
