@@ -221,13 +221,14 @@ def massive_activation_categories(
     if not batches:
         raise ValueError("no batches")
     layers = _checked_layers(model, first_layer)
-    _check_threshold(model, threshold)
+    if sink_dims is None or len(sink_dims):  # with sink_dims=[] no token can be a sink: no threshold
+        _check_threshold(model, threshold)
     if sink_dims is None:
         sink_dims = find_sink_dims(model, batches[0], threshold=threshold, first_layer=first_layer,
                                    reference=reference, fwd_hooks=fwd_hooks)
         if not sink_dims:
             warnings.warn(f"no BOS-like token has a massive activation (r > {threshold}) from layer {first_layer} "
-                          "on: D_sink is empty, so no image token is a sink", stacklevel=2)
+                          "on: D_sink is empty, so no image token is a sink", stacklevel=3)
     dims = torch.tensor(list(sink_dims), dtype=torch.long)
     if len(dims) and not (0 <= int(dims.min()) and int(dims.max()) < model.cfg.d_model):
         raise ValueError(f"sink_dims must lie in [0, {model.cfg.d_model})")
