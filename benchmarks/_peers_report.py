@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _common import kept_sections
+
 FAMILY_NAMES = {"qwen": "Qwen2.5-VL-3B-shaped", "gemma": "Gemma3-4B-shaped"}
 PLAIN = "mech"  # the plain forward the memory of the other rows is compared with
 
@@ -374,4 +376,4 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
         lines += _scaling(result["scaling"])
     lines += ["## Correctness (max |difference|, compared with the cross-check tolerances)", ""]
     lines += _correctness(result) + [""]
-    Path(path).write_text("\n".join(lines))
+    Path(path).write_text("\n".join(lines) + kept_sections(path))  # other scripts' marked sections stay

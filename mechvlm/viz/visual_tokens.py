@@ -112,6 +112,7 @@ def fig_category_fractions(results, *, title: str | None = None):
             lf = _np(res.layer_sink_fraction)
             ax.plot(res.layers, lf.mean(0), marker="o", color=CATEGORY_COLORS[1], label="mean over images")
             ax.fill_between(res.layers, lf.min(0), lf.max(0), color=CATEGORY_COLORS[1], alpha=0.2, label="min-max")
+            ax.set_xticks(res.layers)
             ax.set_xlabel("layer (residual entering it)")
             ax.set_ylabel("massive-activation fraction")
             ax.set_ylim(0, 1)
