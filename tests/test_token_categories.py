@@ -52,6 +52,7 @@ def test_planted_massive_activation_and_zero_token(qwen_hf, qwen_model, setup):
     plant = torch.zeros(*ids.shape, qwen_hf.config.text_config.hidden_size)
     for r, p in first + [tuple(sink_tok)]:
         plant[r, p, DIM] = BIG
+    plant[img_pos[1][0], img_pos[1][1], DIM + 13] = BIG  # massive, but not on a sink dimension: alive
     feats = feats.clone()
     order = {tuple(p): i for i, p in enumerate(img_pos)}  # image token -> feature row
     feats[order[tuple(zero_tok)]] = 0.0
@@ -70,7 +71,8 @@ def test_planted_massive_activation_and_zero_token(qwen_hf, qwen_model, setup):
         nearest = int((F.normalize(f, dim=0) @ F.normalize(W_E, dim=-1).T).argmax())
         dead = float(f.norm()) <= norm_cut or nearest == QWEN_IDS["pad"]
         expected.append(SINK if massive else DEAD if dead else 0)
-    assert expected.count(SINK) == 1 and expected.count(DEAD) == 2
+    assert expected.count(SINK) == 1 and expected.count(DEAD) == 2 and expected[1] == 0
+    assert float(r[0][tuple(img_pos[1])].max()) > TAU  # a massive activation the criterion must ignore
     # ours: the same plant through hooks, the same features through image_embeds
     hooks = [("blocks.0.hook_resid_post", lambda x, hook: x + plant)]
     b = dict(batch, image_embeds=feats)
