@@ -43,6 +43,7 @@ def inject_at_layer(roles: TokenRoles, layer: int, tokens: RoleSpec = "image") -
     saved = {}
 
     def keep_embeddings(x, hook):
+        roles.check_runs_on(x.shape[0], x.shape[1], where=hook.name, used_by=f"inject_at_layer(layer={layer})")
         saved["embed"] = x.detach().clone()
         return x
 

@@ -99,6 +99,7 @@ def remove_image_tokens(batch: Mapping, roles: TokenRoles, drop: Bool[Tensor, "b
         roles: ``model.roles(**batch)``.
         drop: ``[batch, pos]`` bool, True on the image tokens to remove.
     """
+    roles.check_ids(batch["input_ids"], used_by="remove_image_tokens")
     drop = _check_drop(roles, drop).cpu()
     real = roles.real.cpu()
     n_rows = drop.shape[0]

@@ -28,6 +28,7 @@ from mechvlm.roles import TokenRoles
 from mechvlm.viz.attention import _select_heads, pattern_of
 from mechvlm.viz.html import figure_to_img_html
 from mechvlm.viz.labels import row_spans
+from mechvlm.viz.text import plain
 
 __all__ = ["QWEN_PATCH", "received_per_position", "image_grids", "model_pixel_size", "resize_to_grid",
            "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html", "grids_on_image"]
@@ -218,7 +219,7 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     lay = f"Layer {layer}: " if layer is not None else ""
     return grids_on_image(grids, images, cfg=cfg, cmap=cmap, alpha=alpha, share_scale=share_scale,
                           show_grid=show_grid, min_side=min_side, size=size,
-                          title=title if title is not None else f"{lay}{what}")
+                          title=title if title is not None else plain(f"{lay}{what}"))
 
 
 def grids_on_image(grids: list[tuple[ImageSpan, np.ndarray]], images=None, *, cfg=None, cmap="inferno",
