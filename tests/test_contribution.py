@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import qwen_batch
 from mechvlm.analyses.contribution import image_units, token_contribution
 from mechvlm.interventions import mask_image_keys, remove_image_tokens
 from mechvlm.synthetic import QWEN_IDS
+from test_token_budget import _hand_loss
 
 TOL = 1e-4
 
@@ -23,14 +23,6 @@ def loss_batch():
     target = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     target[:, -2:] = True
     return batch, target
-
-
-def _loss(logits, ids, target):
-    out = []
-    for r in range(ids.shape[0]):
-        cols = target[r].nonzero().squeeze(-1).tolist()
-        out.append(sum(float(F.cross_entropy(logits[r, c - 1][None].float(), ids[r, c][None])) for c in cols) / len(cols))
-    return torch.tensor(out)
 
 
 def _one_row(batch, target, row):
@@ -57,7 +49,7 @@ def test_contribution_equals_loop_of_single_removals(qwen_model, loss_batch, mod
     for row in range(2):
         one, t = _one_row(batch, target, row)
         with torch.no_grad():
-            base = _loss(qwen_model(**one), one["input_ids"], t)[0]
+            base = _hand_loss(qwen_model(**one), one["input_ids"], t)[0]
         assert abs(float(res.base_loss[row]) - float(base)) <= TOL
         roles = qwen_model.roles(**one)
         for s in sorted(roles.spans, key=lambda s: s.start):
@@ -68,9 +60,9 @@ def test_contribution_equals_loop_of_single_removals(qwen_model, loss_batch, mod
                 with torch.no_grad():
                     if mode == "removed":
                         pb = remove_image_tokens(one, roles, drop)
-                        loss = _loss(qwen_model(**pb.batch), pb.batch["input_ids"], pb.take(t, fill=False))[0]
+                        loss = _hand_loss(qwen_model(**pb.batch), pb.batch["input_ids"], pb.take(t, fill=False))[0]
                     else:
-                        loss = _loss(qwen_model.run_with_hooks(**one, fwd_hooks=mask_image_keys(roles, drop)),
+                        loss = _hand_loss(qwen_model.run_with_hooks(**one, fwd_hooks=mask_image_keys(roles, drop)),
                                      one["input_ids"], t)[0]
                 _, h, w = s.grid
                 got = float(res.maps[i][0, cell // w, cell % w])
@@ -88,11 +80,11 @@ def test_row_and_block_units(qwen_model, loss_batch):
     s = sorted(roles.spans, key=lambda s: s.start)[0]  # 2x3 merged grid
     assert res.units[0] == [[0, 1, 2], [3, 4, 5]]
     with torch.no_grad():
-        base = _loss(qwen_model(**one), one["input_ids"], t)[0]
+        base = _hand_loss(qwen_model(**one), one["input_ids"], t)[0]
         drop = torch.zeros_like(roles.image)
         drop[0, s.start + 3:s.start + 6] = True  # grid row 1
         pb = remove_image_tokens(one, roles, drop)
-        loss = _loss(qwen_model(**pb.batch), pb.batch["input_ids"], pb.take(t, fill=False))[0]
+        loss = _hand_loss(qwen_model(**pb.batch), pb.batch["input_ids"], pb.take(t, fill=False))[0]
     assert torch.allclose(res.maps[0][0, 1], torch.full((3,), float(loss - base)), atol=TOL)
     assert image_units(s, "block", 2) == [[0, 1, 3, 4], [2, 5]]
     # a 2x2 block covers the whole 2x2 images: removing it from the sequence is refused ...

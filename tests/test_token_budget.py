@@ -47,13 +47,18 @@ def _first_k_drop(batch, k):
     return drop
 
 
+def _hf_inputs(hf, batch):
+    """ids, real-token mask, HF kwargs and HF's own 3-D positions (``get_rope_index``)."""
+    kw = hf_kwargs(batch)
+    pos, _ = hf.model.get_rope_index(batch["input_ids"], kw["mm_token_type_ids"], batch["image_grid_thw"],
+                                    attention_mask=batch["attention_mask"])
+    return batch["input_ids"], real_tokens(batch), kw, pos
+
+
 def test_removed_budget_equals_hf_on_shorter_input(qwen_hf, qwen_model, loss_batch):
     batch, target = loss_batch
     res = token_budget(qwen_model, loss_batch, ks=[1, 3], strategies="first", mode="removed", progress=False)
-    ids, real = batch["input_ids"], real_tokens(batch)
-    kw = hf_kwargs(batch)
-    full_pos, _ = qwen_hf.model.get_rope_index(ids, kw["mm_token_type_ids"], batch["image_grid_thw"],
-                                              attention_mask=batch["attention_mask"])
+    ids, real, kw, full_pos = _hf_inputs(qwen_hf, batch)
     with torch.no_grad():
         feats = torch.cat(qwen_hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
                           .pooler_output)
@@ -81,10 +86,7 @@ def test_removed_budget_equals_hf_on_shorter_input(qwen_hf, qwen_model, loss_bat
 def test_masked_budget_equals_hf_eager_4d_mask(qwen_hf, qwen_model, loss_batch):
     batch, target = loss_batch
     res = token_budget(qwen_model, loss_batch, ks=[0, 2], strategies="first", mode="masked", progress=False)
-    ids, real = batch["input_ids"], real_tokens(batch)
-    kw = hf_kwargs(batch)
-    pos, _ = qwen_hf.model.get_rope_index(ids, kw["mm_token_type_ids"], batch["image_grid_thw"],
-                                         attention_mask=batch["attention_mask"])
+    ids, real, kw, pos = _hf_inputs(qwen_hf, batch)
     n = ids.shape[1]
     for bi, k in enumerate([0, 2]):
         allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ...analyses import massive_activation_categories
 from . import AnalysisSection, ReportContext, register_analysis
+from .token_contribution import first_images
 
 
 def compute(ctx: ReportContext):
@@ -30,8 +31,7 @@ def render(result, page, ctx: ReportContext) -> None:
                   f"text-embedding norm, or nearest to the rows {result.settings['dead_ids']}."
                   + (f" Sinks not evaluated: {note}" if note else ""))
     page.add(fig_category_fractions(result), alt="category fractions")
-    shown = list(range(min(3, len(result.category))))
-    images = [items[int(result.example[i])].pil_image() for i in shown]
+    shown, images = first_images(items, result.example)
     page.add(fig_token_categories(result, images, which=shown, cfg=ctx.model.cfg), alt="token categories on the image")
 
 

@@ -23,9 +23,14 @@ def render(result, page, ctx: ReportContext) -> None:
     page.add_heading("Per-token contribution")
     page.add_text(f"Loss increase of the answer when one image token is removed from the sequence (first "
                   f"{len(result.base_loss)} items; {result.n_forwards} forwards of {result.batch_size} rows).")
-    shown = list(range(min(3, len(result.maps))))
-    images = [items[int(result.example[i])].pil_image() for i in shown]
+    shown, images = first_images(items, result.example)
     page.add(fig_contribution(result, images, which=shown, cfg=ctx.model.cfg), alt="per-token contribution")
+
+
+def first_images(items, example, n: int = 3) -> tuple[list[int], list]:
+    """The first ``n`` image entries of a per-image result and the pictures of their items."""
+    shown = list(range(min(n, len(example))))
+    return shown, [items[int(example[i])].pil_image() for i in shown]
 
 
 SECTION = register_analysis(AnalysisSection(
