@@ -32,14 +32,22 @@ def _hf_hidden(hf, batch, feats, plant):
     pos, _ = hf.model.get_rope_index(ids, kw["mm_token_type_ids"], batch["image_grid_thw"],
                                     attention_mask=batch["attention_mask"])
     emb = hf.get_input_embeddings()(ids).masked_scatter((ids == QWEN_IDS["image"])[..., None], feats)
-    h = hf.model.language_model.layers[0].register_forward_hook(lambda m, i, o: o + plant)
+    layers = hf.model.language_model.layers
+    outs = [emb]  # recorded by our own hooks (HF's output_hidden_states capture may run before ours)
+
+    def planted(m, i, o):
+        outs.append(o + plant)
+        return outs[-1]
+
+    handles = [layers[0].register_forward_hook(planted)]
+    handles += [layers[l].register_forward_hook(lambda m, i, o: outs.append(o)) for l in range(1, len(layers))]
     try:
         with torch.no_grad():
-            out = hf(inputs_embeds=emb, attention_mask=batch["attention_mask"], position_ids=pos,
-                     output_hidden_states=True)
+            hf(inputs_embeds=emb, attention_mask=batch["attention_mask"], position_ids=pos)
     finally:
-        h.remove()
-    return out.hidden_states
+        for h in handles:
+            h.remove()
+    return outs  # [embeddings, output of layer 0 (planted), of layer 1, ...] = HF's hidden_states[0..]
 
 
 def test_planted_massive_activation_and_zero_token(qwen_hf, qwen_model, setup):
