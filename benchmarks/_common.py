@@ -159,23 +159,42 @@ def extra_peak(fn, device: torch.device | str = "cpu") -> dict:
 
 
 # ----------------------------------------------------------------------- RESULTS.md --
-def write_results_section(key: str, markdown: str, path: Path | None = None) -> Path:
-    """Put ``markdown`` into ``benchmarks/RESULTS.md`` between ``<!-- {key}:start -->`` and
-    ``<!-- {key}:end -->``, replacing that section if it is there and appending it if not;
-    the rest of the file is left as it is (each benchmark owns its section)."""
+def _section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def write_results_section(path: str | Path, name: str, markdown: str) -> None:
+    """Put ``markdown`` into ``path`` (e.g. RESULTS.md) between the markers of section
+    ``name``, replacing that section if present and appending it otherwise; the rest of the
+    file is kept. Written atomically."""
     from mechvlm.fileio import write_text
 
-    path = Path(path) if path is not None else REPO / "benchmarks" / "RESULTS.md"
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
+    path = Path(path)
+    start, end = _section_markers(name)
+    text = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{markdown.strip()}\n{end}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block
     write_text(path, text)
-    return path
+
+
+def kept_sections(path: str | Path) -> str:
+    """The marked sections (`write_results_section`) of an existing file, to carry over when
+    a script rewrites the file's own part."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    text, out = path.read_text(), []
+    for line in text.splitlines():
+        if line.startswith("<!-- section:") and line.endswith(" -->"):
+            name = line[len("<!-- section:"):-len(" -->")]
+            start, end = _section_markers(name)
+            if end in text:
+                out.append(start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n")
+    return ("\n\n" + "\n".join(out)) if out else ""
 
 
 def save_result(path: str | Path, result: dict, write: bool = True) -> None:
@@ -185,10 +204,3 @@ def save_result(path: str | Path, result: dict, write: bool = True) -> None:
         from mechvlm.fileio import write_json
 
         write_json(path, result)
-
-
-def kept_sections(text: str) -> str:
-    """The ``<!-- key:start -->`` ... ``<!-- key:end -->`` sections of a RESULTS.md, so that a
-    script rewriting the file can put the other benchmarks' sections back."""
-    found = re.findall(r"(<!-- ([\w.-]+):start -->.*?<!-- \2:end -->\n?)", text, flags=re.S)
-    return "".join(block for block, _ in found)

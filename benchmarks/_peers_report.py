@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _common import kept_sections
+
 FAMILY_NAMES = {"qwen": "Qwen2.5-VL-3B-shaped", "gemma": "Gemma3-4B-shaped"}
 PLAIN = "mech"  # the plain forward the memory of the other rows is compared with
 
@@ -374,8 +376,6 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
         lines += _scaling(result["scaling"])
     lines += ["## Correctness (max |difference|, compared with the cross-check tolerances)", ""]
     lines += _correctness(result) + [""]
-    from _common import kept_sections  # the other benchmarks' sections of the file stay
     from mechvlm.fileio import write_text
 
-    old = Path(path).read_text() if Path(path).exists() else ""
-    write_text(path, "\n".join(lines) + ("\n" + kept_sections(old) if kept_sections(old) else ""))
+    write_text(path, "\n".join(lines) + kept_sections(path))  # other scripts' marked sections stay

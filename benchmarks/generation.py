@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
         text = markdown(result)
         print(text)
         if not args.no_write:
-            write_results_section("generation", text)
+            write_results_section(HERE / "RESULTS.md", "generation", text)
         return result
     for name, full, quick in (("image_tokens", 256, 16), ("batches", "1,8", "1,2"), ("new_tokens", "4,16,64", "2,4"),
                               ("reps", 3, 1)):
@@ -321,7 +321,7 @@ def main(argv=None) -> dict:
     print("\n" + text)
     save_result(args.json, result, not args.no_write)
     if not args.no_write:
-        write_results_section("generation", text)
+        write_results_section(HERE / "RESULTS.md", "generation", text)
     return result
 
 

@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
         text = markdown(result)
         print("\n" + text)
         if not args.no_write:
-            write_results_section("post_softmax_knockout", text)
+            write_results_section(HERE / "RESULTS.md", "post_softmax_knockout", text)
     return result
 
 

@@ -72,7 +72,8 @@ def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem
         where = order[start:start + batch_size]
         chunk = [items[i] for i in where]
         batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
-        gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=condition,
+        batch, hooks = condition.setup(model, batch)
+        gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=hooks,
                               pad_token_id=pad_token_id)
         for row, (i, it) in enumerate(zip(where, chunk)):
             tokens = gen.tokens(row)
