@@ -5,7 +5,7 @@ via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
 """
 
 from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
-from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout, knockout_reach
 from mechvlm.interventions.injection import inject_at_layer
 from mechvlm.interventions.pruning import PrunedBatch, mask_image_keys, remove_image_tokens
 from mechvlm.interventions.registers import insert_registers, register_mask
@@ -17,6 +17,7 @@ __all__ = [
     "inject_at_layer",
     "insert_registers",
     "knockout",
+    "knockout_reach",
     "mask_image_keys",
     "mean_head_outputs",
     "patch_activations",
