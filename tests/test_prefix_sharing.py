@@ -208,3 +208,31 @@ def test_gemma_narrow_window_shares_only_a_common_split(gemma_narrow):
     gens, plan, encoded = _run(gemma_narrow, apart, two)
     _assert_same(gens, ref)
     assert plan.shared == [] and "sliding window" in plan.fallback["none"] and encoded == 2
+
+
+# ------------------------------------------------- mmbench.evaluate on the shipped toys --
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_evaluate_on_shipped_toys_equals_the_condition_by_condition_path(family):
+    from mechvlm.mmbench import evaluate, load_mmbench
+    from mechvlm.processing import InputBuilder
+    from mechvlm.toy.benchmark import SHIPPED_TSV
+    from mechvlm.toy.checkpoint import SHIPPED
+
+    model = HookedVLM.from_pretrained(str(SHIPPED[family]))
+    builder = InputBuilder.from_pretrained(SHIPPED[family])
+    items = load_mmbench(SHIPPED_TSV)[:10]
+
+    def last_text_resid(batch, roles):  # a user hook: runs on its own
+        return [("blocks.0.hook_resid_post", lambda x, hook: x * 1.5)]
+
+    conds = {**{k: CONDITIONS[k] for k in ("none", "text→image:pre_softmax_mask", "text→EOI:post_softmax_zero")},
+             "user": last_text_resid}
+    kw = dict(batch_size=4, max_new_tokens=3, progress=False)
+    ref = {name: evaluate(model, builder, items, {name: c}, **kw)[name] for name, c in conds.items()}
+    got = evaluate(model, builder, items, conds, **kw)
+    for name in conds:
+        share = got[name]["settings"].pop("shared_prefix")
+        ref[name]["settings"].pop("shared_prefix")
+        assert got[name] == ref[name], name
+        assert share["of"] == 3 and share["batches"] == (0 if name == "user" else 3), (name, share)
+    assert got["none"]["accuracy"] > got["text→image:pre_softmax_mask"]["accuracy"]  # the knockout acts
