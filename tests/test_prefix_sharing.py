@@ -100,14 +100,16 @@ def test_qwen_user_hook_falls_back(qwen_model):
 
     conditions = {"none": CONDITIONS["none"], "ko": ko, "user": shift_image_resid,
                   "user_list": [("blocks.0.hook_mlp_out", last_token_mlp)],
+                  "user_condition": Condition("user_condition", "custom", hooks=shift_image_resid),
                   "declared": Condition("declared", "declared", hooks=lambda b, r: ko(b, r),
                                         touches=lambda r: knockout_reach(r, "text", "image"))}
     ref = _one_by_one(qwen_model, batch, conditions)
     gens, plan, encoded = _run(qwen_model, batch, conditions)
     _assert_same(gens, ref)
     assert plan.shared == ["none", "ko", "declared"]
-    assert set(plan.fallback) == {"user", "user_list"} and "does not declare" in plan.fallback["user"]
-    assert encoded == 1 + 2  # one shared prefill, one prefill per fallback
+    assert set(plan.fallback) == {"user", "user_list", "user_condition"}
+    assert "does not declare" in plan.fallback["user_condition"]
+    assert encoded == 1 + 3  # one shared prefill, one prefill per fallback
     assert (gens["user"].logits - gens["none"].logits).abs().max() > 1e-2  # the user hook did act
 
 
