@@ -51,7 +51,14 @@ for p in (str(HERE), str(HERE.parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 import _peers as P  # noqa: E402
-from _common import machine_info, paired_ratios, save_result, time_interleaved, write_results_section  # noqa: E402
+from _common import (  # noqa: E402
+    machine_info,
+    paired_ratios,
+    save_result,
+    time_before_after,
+    time_interleaved,
+    write_results_section,
+)
 from generation import DTYPES, NEVER, HFMaskKnockout, build  # noqa: E402
 
 ONE = "text→image:pre_softmax_mask"
@@ -218,14 +225,9 @@ def main(argv=None) -> dict:
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:
-                fns = report_contenders(args.report_limit, tmp)
-                outs = {k: fn() for k, fn in fns.items()}
-                same = _tables(outs["report_before"]) == _tables(outs["report_after"])
-                del outs
-                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.report_reps, 0, device)
-            result["report"] = {"wall_ms": wall, "cpu_ms": cpu, "same_table": same, "limit": args.report_limit,
-                                "ratio": paired_ratios(wall["report_after"], wall["report_before"]),
-                                "cpu_ratio": paired_ratios(cpu["report_after"], cpu["report_before"])}
+                result["report"] = time_before_after(report_contenders(args.report_limit, tmp), args.report_reps,
+                                                     device, lambda b, a: _tables(b) == _tables(a))
+            result["report"]["limit"] = args.report_limit
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(result)
     print("\n" + text)
