@@ -6,15 +6,19 @@ via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
 
 from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
 from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.by_row import ablate_head_outputs, ablate_image_kv, replace_where
 from mechvlm.interventions.registers import insert_registers, register_mask
 
 __all__ = [
     "KNOCKOUT_MODES",
+    "ablate_head_outputs",
     "ablate_heads",
+    "ablate_image_kv",
     "insert_registers",
     "knockout",
     "mean_head_outputs",
     "patch_activations",
     "register_mask",
+    "replace_where",
     "skip_sublayers",
 ]
