@@ -96,7 +96,7 @@ def bootstrap(fn: Callable[[Tensor], Tensor], n: int, *, samples: int = 200, lev
 
 
 def logistic_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], *, n_classes: int | None = None,
-                   weight_decay: float = 1e-3, steps: int = 200) -> Callable[[Tensor], Tensor]:
+                   weight_decay: float = 1e-3, steps: int = 100) -> Callable[[Tensor], Tensor]:
     """A multinomial logistic-regression probe on standardised features, fitted with L-BFGS
     (full batch, L2 penalty). Returns ``predict(x) -> class index``."""
     x = x.detach().to("cpu", torch.float64)
@@ -106,7 +106,7 @@ def logistic_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], *, n_classes: 
     z = (x - mean) / std
     w = torch.zeros(z.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, tolerance_change=1e-7, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -117,6 +117,23 @@ def logistic_probe(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], *, n_classes: 
     with torch.enable_grad(), single_thread():
         opt.step(closure)
     w, b = w.detach(), b.detach()
+
+    def predict(features: Tensor) -> Tensor:
+        f = (features.detach().to("cpu", torch.float64) - mean) / std
+        return (f @ w + b).argmax(-1)
+
+    return predict
+
+
+def ridge_classifier(x: Float[Tensor, "n d"], y: Int[Tensor, " n"], *, n_classes: int | None = None,
+                     alpha: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """A linear probe in closed form: ridge regression of one-hot labels on standardised
+    features; ``predict(x)`` is the class of the highest output."""
+    x = x.detach().to("cpu", torch.float64)
+    y = y.detach().to("cpu", torch.long)
+    n_classes = n_classes or int(y.max()) + 1
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    w, b = ridge_fit((x - mean) / std, torch.nn.functional.one_hot(y, n_classes).double(), alpha)
 
     def predict(features: Tensor) -> Tensor:
         f = (features.detach().to("cpu", torch.float64) - mean) / std

@@ -77,10 +77,14 @@ class HeadAttributionResult:
     wall_s: float
     settings: dict = field(default_factory=dict)
 
-    def ranking(self) -> list[tuple[int, int]]:
-        """(layer, unit) by decreasing attribution."""
+    def ranking(self, by: str = "weight") -> list[tuple[int, int]]:
+        """(layer, unit) by decreasing attribution (``by="abs"``: by its magnitude)."""
+        if by not in ("weight", "abs"):
+            raise ValueError(f"by must be 'weight' or 'abs', got {by!r}")
         n_units = self.weights.shape[1]
-        return [(int(i) // n_units, int(i) % n_units) for i in self.weights.flatten().argsort(descending=True)]
+        w = self.weights.flatten()
+        w = w.abs() if by == "abs" else w
+        return [(int(i) // n_units, int(i) % n_units) for i in w.argsort(descending=True, stable=True)]
 
     def top_heads(self, k: int) -> list[tuple[int, int]]:
         return self.ranking()[:k]

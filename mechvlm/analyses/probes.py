@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechvlm.analyses.estimators import kmeans, logistic_probe, single_thread
+from mechvlm.analyses.estimators import kmeans, logistic_probe, ridge_classifier, single_thread
 from mechvlm.analyses.image_kv import VISION, ImageKV, image_kv
 from mechvlm.analyses.probe_data import (CorrespondenceSample, ReferringSample, SegmentationSample,
                                          check_samples, grid_box, grid_mask, grid_points, image_size, pil)
@@ -33,6 +33,7 @@ from mechvlm.analyses.probe_metrics import majority_labels, miou, pck, pck_chanc
 from mechvlm.metrics._common import frame, iter_batches, run_forward, select_layers
 
 TASKS = ("segmentation", "correspondence", "referring")
+SEGMENTATION_METHODS = ("kmeans", "linear", "logistic")
 
 
 @dataclass
@@ -108,18 +109,20 @@ def _image_features(kv: ImageKV, name: str, image: int, head: int | None) -> Ten
 
 # ----------------------------------------------------------------------- segmentation --
 def segmentation_scores(kv: ImageKV, masks: Sequence[Bool[Tensor, "h w"]], *, method: str = "kmeans",
-                        k: int = 2, head: int | None = None, train_fraction: float = 0.5, seed: int = 0,
+                        k: int = 4, head: int | None = None, train_fraction: float = 0.5, seed: int = 0,
                         n_shuffles: int = 3, names: Sequence[str] | None = None) -> list[dict]:
     """mIoU (object vs background, pooled over the scored images) of each feature table.
 
     ``method="kmeans"``: per image, k-means (``k`` clusters) on the L2-normalised token
     features; each cluster takes the majority ground-truth class of its tokens.
-    ``method="linear"``: a logistic probe trained on the tokens of the first
-    ``train_fraction`` of the images (in a seeded random order), scored on the rest.
+    ``method="linear"``: a linear probe (closed-form ridge classifier,
+    `estimators.ridge_classifier`) trained on the tokens of the first ``train_fraction`` of
+    the images (in a seeded random order), scored on the rest; ``"logistic"``: the same
+    with logistic regression (`estimators.logistic_probe`, L-BFGS; slower).
     Chance: the same probe with the tokens shuffled within each image (``n_shuffles`` draws).
     """
-    if method not in ("kmeans", "linear"):
-        raise ValueError(f"method must be 'kmeans' or 'linear', got {method!r}")
+    if method not in SEGMENTATION_METHODS:
+        raise ValueError(f"method must be one of {SEGMENTATION_METHODS}, got {method!r}")
     if len(masks) != kv.n_images:
         raise ValueError(f"{len(masks)} masks for {kv.n_images} images")
     truth = [torch.as_tensor(m).flatten().long() for m in masks]
@@ -131,7 +134,7 @@ def segmentation_scores(kv: ImageKV, masks: Sequence[Bool[Tensor, "h w"]], *, me
     order = torch.randperm(kv.n_images, generator=g).tolist()
     n_train = max(1, int(round(train_fraction * kv.n_images)))
     train, test = order[:n_train], order[n_train:]
-    if method == "linear" and not test:
+    if method != "kmeans" and not test:
         raise ValueError("the linear probe needs at least two images (a train and a test split)")
     perms = [[torch.randperm(len(t), generator=g) for t in truth] for _ in range(n_shuffles)]
 
@@ -149,14 +152,14 @@ def segmentation_scores(kv: ImageKV, masks: Sequence[Bool[Tensor, "h w"]], *, me
         if method == "kmeans":
             pred = [majority_labels(c, t) for c, t in zip(clusters(feats), truth)]
             return miou(torch.cat(pred), torch.cat(truth))
-        predict = logistic_probe(torch.cat([feats[i] for i in train]), torch.cat([truth[i] for i in train]),
-                                 n_classes=2)
+        fit = ridge_classifier if method == "linear" else logistic_probe
+        predict = fit(torch.cat([feats[i] for i in train]), torch.cat([truth[i] for i in train]), n_classes=2)
         return miou(torch.cat([predict(feats[i]) for i in test]), torch.cat([truth[i] for i in test]))
 
     rows = []
     for name in _table_names(kv, names):
-        feats = [_image_features(kv, name, i, head) for i in range(kv.n_images)]
         with single_thread():
+            feats = [_image_features(kv, name, i, head) for i in range(kv.n_images)]
             chance = sum(score([f[p] for f, p in zip(feats, perm)]) for perm in perms) / max(1, n_shuffles)
             value = score(feats)
         kind, layer = _split(name)
@@ -166,6 +169,21 @@ def segmentation_scores(kv: ImageKV, masks: Sequence[Bool[Tensor, "h w"]], *, me
 
 
 # --------------------------------------------------------------------- correspondence --
+def _match(kv, name, pairs, cells_a, cells_b, alpha, head) -> tuple[float, float, int]:
+    hits, chance, n = 0.0, 0.0, 0
+    for (ia, ib), ca, cb in zip(pairs, cells_a, cells_b):
+        h, w = kv.image_grid[ib, 1:].tolist()
+        fa = _image_features(kv, name, ia, head).reshape(*kv.image_grid[ia, 1:].tolist(), -1)
+        src = F.normalize(fa[ca[:, 0], ca[:, 1]], dim=-1)
+        dst = F.normalize(_image_features(kv, name, ib, head), dim=-1)
+        idx = (src @ dst.T).argmax(-1)
+        pred = torch.stack([idx // w, idx % w], -1)
+        hits += pck(pred, cb, (h, w), alpha) * len(cb)
+        chance += pck_chance(cb, (h, w), alpha) * len(cb)
+        n += len(cb)
+    return hits, chance, n
+
+
 def correspondence_scores(kv: ImageKV, pairs: Sequence[tuple[int, int]], cells_a: Sequence[Tensor],
                           cells_b: Sequence[Tensor], *, alpha: float = 0.0, head: int | None = None,
                           names: Sequence[str] | None = None) -> list[dict]:
@@ -175,17 +193,8 @@ def correspondence_scores(kv: ImageKV, pairs: Sequence[tuple[int, int]], cells_a
         raise ValueError("pairs, cells_a and cells_b must have one entry per pair")
     rows = []
     for name in _table_names(kv, names):
-        hits, chance, n = 0.0, 0.0, 0
-        for (ia, ib), ca, cb in zip(pairs, cells_a, cells_b):
-            h, w = kv.image_grid[ib, 1:].tolist()
-            fa = _image_features(kv, name, ia, head).reshape(*kv.image_grid[ia, 1:].tolist(), -1)
-            src = F.normalize(fa[ca[:, 0], ca[:, 1]], dim=-1)
-            dst = F.normalize(_image_features(kv, name, ib, head), dim=-1)
-            idx = (src @ dst.T).argmax(-1)
-            pred = torch.stack([idx // w, idx % w], -1)
-            hits += pck(pred, cb, (h, w), alpha) * len(cb)
-            chance += pck_chance(cb, (h, w), alpha) * len(cb)
-            n += len(cb)
+        with single_thread():
+            hits, chance, n = _match(kv, name, pairs, cells_a, cells_b, alpha, head)
         kind, layer = _split(name)
         rows.append({"task": "correspondence", "kind": kind, "layer": layer, "head": "all",
                      "score": hits / n if n else float("nan"), "chance": chance / n if n else float("nan"), "n": n})
@@ -276,7 +285,7 @@ def run_probes(model, builder, *, segmentation: Sequence[SegmentationSample] | N
                correspondence: Sequence[CorrespondenceSample] | None = None,
                referring: Sequence[ReferringSample] | None = None, layers=None,
                kinds: Sequence[str] = ("key", "value"), text_prefix: str | None = None, prompt: str = "",
-               method: str = "kmeans", k: int = 2, mask_threshold: float = 0.5, alpha: float = 0.0,
+               method: str = "kmeans", k: int = 4, mask_threshold: float = 0.5, alpha: float = 0.0,
                batch_size: int = 16, seed: int = 0, progress: bool = True) -> ProbeResult:
     """Every probe given samples for, per layer and kind, with the vision baseline.
 
