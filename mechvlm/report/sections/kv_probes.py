@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from . import AnalysisSection, ReportContext, register_analysis
 
 PREFIX = "Look at the image carefully."
+#: toy samples per probe: segmentation images, correspondence pairs, referring scenes
+SIZES = (32, 16, 32)
 
 
 @dataclass
@@ -28,8 +30,9 @@ def compute(ctx: ReportContext) -> KVProbeSection:
     from ...analyses.probe_data import toy_correspondence, toy_referring, toy_segmentation
     from ...analyses.probes import text_prefix_control
 
-    out = text_prefix_control(ctx.model, ctx.builder, PREFIX, segmentation=toy_segmentation(32, 0),
-                              correspondence=toy_correspondence(16, 1), referring=toy_referring(32, 2),
+    n_seg, n_corr, n_ref = SIZES
+    out = text_prefix_control(ctx.model, ctx.builder, PREFIX, segmentation=toy_segmentation(n_seg, 0),
+                              correspondence=toy_correspondence(n_corr, 1), referring=toy_referring(n_ref, 2),
                               method="linear", batch_size=ctx.batch_size, progress=ctx.progress)
     return KVProbeSection(out["no_prefix"], out["prefix"])
 
