@@ -104,3 +104,14 @@ def test_causal_trace_map_and_cost(qwen_model, clean_and_swapped):
     assert (res.p_corrupt - res.p_clean).abs().max() > 0  # the noise changes the answer's probability
     d = res.to_dict()
     assert d["recovery"].shape == (L, 5) and d["corruption"] == "noise"
+
+
+def test_window_layers_as_rome():
+    from mechvlm.analyses.causal_tracing import window_layers
+
+    assert window_layers(5, 1, 10) == (5,)
+    assert window_layers(5, 3, 10) == (4, 5, 6)
+    assert window_layers(5, 10, 36) == tuple(range(0, 10))   # ROME: range(i - w // 2, i - (-w // 2))
+    assert window_layers(2, 10, 36) == tuple(range(0, 7))    # clipped at the first layer
+    assert window_layers(20, 10, 36) == tuple(range(15, 25))
+    assert window_layers(34, 10, 36) == tuple(range(29, 36))  # clipped at the last layer

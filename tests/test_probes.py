@@ -167,3 +167,24 @@ def test_probes_find_the_object_on_the_toy(toy):
     assert kinds == ["key", "value", "vision"] and layers == [0, 1, 2, 3] and table.shape == (3, 4)
     # the vision row: nearest neighbours on the encoder output find the moved object exactly
     assert res.score("correspondence", "vision") == 1.0
+
+
+def test_referring_hits_on_hand_made_queries_and_keys():
+    from mechvlm.analyses.probes import _score_rows
+
+    d = 4
+    e = torch.eye(d, dtype=torch.float64)
+    keys = torch.stack([e[0], e[1], e[2], e[3]])[:, None]  # 4 image tokens on a 2x2 grid, one KV head
+    got = {"q0": [None], "k0": [keys], "vq0": [None], "vi0": [keys], "embed": [None], "vision": [None]}
+    got["q0"] = torch.stack([10 * e[2], 5 * e[1]])[None]       # head 0 looks at cell 2, head 1 (less sharply) at 1
+    got["vq0"] = e[3][None, None]                               # the value matches cell 3
+    got["embed"] = e[0][None]
+    got["vision"] = [torch.stack([-e[0], e[1], e[2], e[0]])]    # the embedding matches cell 3
+    box = torch.tensor([[False, False], [True, True]])           # cells 2 and 3
+    hits, chance = {}, []
+    n = _score_rows(got, [box], 0, 1, [0], 2, 1.0, chance,
+                    lambda key, hit: hits.setdefault(key, []).append(float(hit)))
+    assert n == 1 and chance == [0.5]
+    assert hits[("key", 0, 0)] == [1.0] and hits[("key", 0, 1)] == [0.0]
+    assert hits[("value", 0, "all")] == [1.0] and hits[("vision", None, "all")] == [1.0]
+    assert hits[("key", 0, "all")] == [1.0]  # the head-mean attention peaks at the sharper head's cell
