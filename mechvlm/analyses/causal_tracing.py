@@ -74,9 +74,9 @@ def _groups(roles, groups) -> dict[str, Tensor]:
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
-    """``window`` layers centred on ``layer`` (ROME's window), clipped to the model."""
-    lo = max(0, layer - window // 2)
-    return tuple(range(lo, min(n_layers, lo + window)))
+    """``window`` layers centred on ``layer``, clipped to the model (ROME's
+    ``range(max(0, l - w // 2), min(n, l - (-w // 2)))``)."""
+    return tuple(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
 
 
 def run_sites(model, clean: Batch, corrupted: Batch, sites: Sequence[Site], groups: Mapping[str, Tensor], *,
