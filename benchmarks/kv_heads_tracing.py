@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from mechvlm import HookedVLM
     from mechvlm.analyses.causal_tracing import Site, causal_trace, default_groups, run_sites
     from mechvlm.analyses.forward_rows import image_embeds
-    from mechvlm.analyses.head_attribution import (_Ablator, ablation_drops, head_attribution, sample_masks,
+    from mechvlm.analyses.head_attribution import (HeadAblator, ablation_drops, head_attribution, sample_masks,
                                                    top_vs_random_heads)
     from mechvlm.processing import InputBuilder
     from mechvlm.toy.checkpoint import SHIPPED
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     L, H = model.cfg.n_layers, model.cfg.n_heads
 
     # 1. interleaved timing -------------------------------------------------------------
-    ablator = _Ablator(model, "image_kv", "query_head", batches, True, False)
+    ablator = HeadAblator(model, "image_kv", "query_head", batches, True, False)
     masks = sample_masks(a.cmp_masks, L, H, 0.25, seed=1)
     batch = batches[0]
     roles = model.roles(**batch)

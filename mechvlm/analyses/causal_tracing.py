@@ -175,6 +175,14 @@ class CausalTraceResult:
                 "settings": self.settings}
 
 
+def _target_prob(targets: Tensor) -> Callable[[Tensor], Tensor]:
+    """``logits [copies * ex, vocab] -> p(target) [copies * ex]`` for the ``ex`` targets."""
+    def prob(logits: Tensor) -> Tensor:
+        t = targets.repeat(len(logits) // len(targets)).to(logits.device)
+        return logits.float().softmax(-1)[torch.arange(len(logits), device=logits.device), t]
+    return prob
+
+
 def _noise_std(model, batches) -> float:
     vals = [image_embeds(model, b) for b in batches]
     vals = torch.cat([v.flatten().float() for v in vals if v is not None])
@@ -245,11 +253,12 @@ def causal_trace(
         last = last_positions(batch)
         clean_logits = logits_at(model, repeat_batch(batch, 1, emb), [], last)
         tgt = torch.tensor(flat_targets[seen:seen + ex]) if flat_targets else clean_logits.argmax(-1).cpu()
-        prob = lambda logits, t=tgt: logits.float().softmax(-1)[torch.arange(len(logits)), t.repeat(len(logits) // len(t)).to(logits.device)]  # noqa: E731
+        prob = _target_prob(tgt)
         corrupt_logits = logits_at(model, repeat_batch(cbatch, 1, cemb), [], last)
         n_fwd += 2
         sites = [Site(kind, window_layers(l, window, n_layers), name) for l in layer_list for name in grp]
-        hsites = [Site("head", (l,), "__heads__", h) for l in layer_list for h in range(model.cfg.n_heads)] if heads else []
+        hsites = [Site("head", (l,), "__heads__", h) for l in layer_list for h in range(model.cfg.n_heads)
+                  if heads]
         grp_all = dict(grp, __heads__=resolve(roles, head_positions))
         vals, f = run_sites(model, batch, cbatch, sites + hsites, grp_all, reduce=prob,
                             sites_per_forward=sites_per_forward, clean_embeds=emb, corrupted_embeds=cemb)

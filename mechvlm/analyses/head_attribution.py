@@ -38,7 +38,7 @@ from mechvlm.analyses.estimators import bootstrap, r_squared, ridge_fit, single_
 from mechvlm.analyses.forward_rows import image_embeds, last_positions, logits_at, repeat_batch
 from mechvlm.analyses.kv_baseline import image_kv_means, place_baseline
 from mechvlm.interventions import ablate_head_outputs, ablate_image_kv, mean_head_outputs
-from mechvlm.metrics._common import Batch, iter_batches
+from mechvlm.metrics._common import Batch
 
 ABLATIONS = ("image_kv", "output")
 METRICS = ("logit", "logprob", "logit_diff")
@@ -164,8 +164,9 @@ def _metric(logits: Tensor, targets: Tensor, foils: Tensor | None, metric: str) 
     return out.cpu()
 
 
-class _Ablator:
-    """The hooks of one ablation mode for a batch (its baseline placed once per batch)."""
+class HeadAblator:
+    """One ablation mode (``ablation``, ``unit``) with its baseline from the ``reference``
+    batches; ``for_batch(batch)`` places the baseline once and returns ``hooks(ablated)``."""
 
     def __init__(self, model, ablation: str, unit: str, reference, per_cell: bool, progress: bool):
         if ablation not in ABLATIONS:
@@ -199,7 +200,7 @@ def _as_list(x, n: int, name: str) -> list | None:
     return vals
 
 
-def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask layer unit"], ablator: _Ablator, *,
+def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask layer unit"], ablator: HeadAblator, *,
                    targets=None, foils=None, metric: str = "logit", masks_per_forward: int = 32,
                    progress: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """``(drops [mask, example], clean [example], targets [example], n_forwards)``: every
@@ -210,14 +211,20 @@ def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask la
         raise ValueError("metric='logit_diff' needs foils (one token id per example)")
     n_ex = sum(int(b["input_ids"].shape[0]) for b in batches)
     targets, foils = _as_list(targets, n_ex, "targets"), _as_list(foils, n_ex, "foils")
+    from tqdm.auto import tqdm
+
+    n_chunks = -(-masks.shape[0] // masks_per_forward)
+    bar = tqdm(total=len(batches) * (n_chunks + 1), desc="head ablations", unit="forward", disable=not progress,
+               leave=False)
     drops, cleans, tgts, n_forwards, seen = [], [], [], 0, 0
-    for batch in iter_batches(batches, progress, "head ablations"):
+    for batch in batches:
         ex = int(batch["input_ids"].shape[0])
         emb = image_embeds(model, batch)
         last = last_positions(batch)
         make_hooks = ablator.for_batch(batch)
         clean_logits = logits_at(model, repeat_batch(batch, 1, emb), [], last)
         n_forwards += 1
+        bar.update()
         tgt = torch.tensor(targets[seen:seen + ex]) if targets else clean_logits.argmax(-1).cpu()
         foil = torch.tensor(foils[seen:seen + ex]) if foils else None
         clean = _metric(clean_logits, tgt, foil, metric)
@@ -228,12 +235,14 @@ def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask la
             ablated = chunk.repeat_interleave(ex, dim=0)
             logits = logits_at(model, repeat_batch(batch, copies, emb), make_hooks(ablated), last.repeat(copies))
             n_forwards += 1
+            bar.update()
             value = _metric(logits, tgt.repeat(copies), None if foil is None else foil.repeat(copies), metric)
             out.append(clean[None] - value.view(copies, ex))
         drops.append(torch.cat(out))
         cleans.append(clean)
         tgts.append(tgt)
         seen += ex
+    bar.close()
     return torch.cat(drops, 1), torch.cat(cleans), torch.cat(tgts), n_forwards
 
 
@@ -287,7 +296,7 @@ def head_attribution(
     t0 = time.perf_counter()
     batches = [batches] if isinstance(batches, dict) else list(batches)
     reference = batches if reference is None else ([reference] if isinstance(reference, dict) else list(reference))
-    ablator = _Ablator(model, ablation, unit, reference, per_cell, progress)
+    ablator = HeadAblator(model, ablation, unit, reference, per_cell, progress)
     masks = sample_masks(n_masks, model.cfg.n_layers, ablator.n_units(), ablate_prob, seed)
     drops, clean, tgts, n_fwd = ablation_drops(model, batches, masks, ablator, targets=targets, foils=foils,
                                                metric=metric, masks_per_forward=masks_per_forward, progress=progress)
@@ -316,7 +325,7 @@ def accuracy_with_heads_ablated(model, batches: Sequence[Batch], heads: Sequence
     """Top-1 accuracy (the argmax at the last position equals the target) with ``heads``
     ablated together (``[]``: the clean accuracy)."""
     batches = list(batches)
-    ablator = _Ablator(model, ablation, unit, batches if reference is None else list(reference), per_cell, progress)
+    ablator = HeadAblator(model, ablation, unit, batches if reference is None else list(reference), per_cell, progress)
     mask = torch.zeros(1, model.cfg.n_layers, ablator.n_units(), dtype=torch.bool)
     for l, h in heads:
         mask[0, l, h] = True
