@@ -61,11 +61,11 @@ def test_batched_sites_equal_one_forward_per_site(qwen_model, clean_and_swapped)
              Site("resid", (0,), "eoi"), Site("head", (1,), "last", head=3), Site("head", (0,), "image row 1", head=0)]
     out, _ = run_sites(qwen_model, clean, swapped, sites, groups, sites_per_forward=4)
     hook = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out", "head": "attn.hook_z"}
-    for b in range(2):
-        one_c = {k: (v[b:b + 1] if k in ("input_ids", "attention_mask") else v) for k, v in clean.items()}
-        one_s = {k: (v[b:b + 1] if k in ("input_ids", "attention_mask") else v) for k, v in swapped.items()}
-        for name in ("pixel_values", "image_grid_thw"):
-            one_c[name], one_s[name] = _image_of_row(clean, b, name), _image_of_row(swapped, b, name)
+    from mechvlm.forward_args import VLMBatch
+
+    image_id = qwen_model.cfg.image_token_id
+    for b in range(2):  # each example alone, with its own image
+        one_c, one_s = (VLMBatch(x, image_token_id=image_id)[b:b + 1] for x in (clean, swapped))
         names = [f"blocks.{l}.{hook[s.kind]}" for s in sites for l in s.layers]
         _, cache = qwen_model.run_with_cache(**one_c, names_filter=names)
         for i, s in enumerate(sites):
@@ -83,14 +83,6 @@ def test_batched_sites_equal_one_forward_per_site(qwen_model, clean_and_swapped)
                     hooks += patch_activations(cache, name, positions=pos)
             want = _logits(qwen_model, one_s, hooks)[0]
             torch.testing.assert_close(out[i, b], want, atol=2e-5, rtol=1e-4, msg=str(s))
-
-
-def _image_of_row(batch, b, name):
-    n = batch["image_grid_thw"].prod(-1)
-    if name == "image_grid_thw":
-        return batch[name][b:b + 1]
-    start = int(n[:b].sum())
-    return batch[name][start:start + int(n[b])]
 
 
 def test_causal_trace_map_and_cost(qwen_model, clean_and_swapped):
@@ -115,3 +107,36 @@ def test_window_layers_as_rome():
     assert window_layers(2, 10, 36) == tuple(range(0, 7))    # clipped at the first layer
     assert window_layers(20, 10, 36) == tuple(range(15, 25))
     assert window_layers(34, 10, 36) == tuple(range(29, 36))  # clipped at the last layer
+
+
+def test_batched_sites_equal_transformer_lens_patching(qwen_model, clean_and_swapped):
+    """TransformerLens' own patching (one forward per index, on a batch mapping) as the reference."""
+    import pandas as pd
+    from transformer_lens import patching
+
+    from mechvlm.forward_args import VLMBatch
+
+    image_id = qwen_model.cfg.image_token_id
+    clean, swapped = (VLMBatch(b, image_token_id=image_id)[:1] for b in clean_and_swapped)  # row 0 with its image
+    with torch.no_grad():
+        clean_logits, clean_cache = qwen_model.run_with_cache(clean)
+    answer = int(clean_logits[0, -1].argmax())
+    metric = lambda logits: logits[0, -1, answer]  # noqa: E731
+    L, n = qwen_model.cfg.n_layers, clean["input_ids"].shape[1]
+    cells = [(l, p) for l in range(L) for p in (2, 4, 8, n - 1)]  # text, image, EOI, last
+    with torch.no_grad():
+        tl = patching.generic_activation_patch(qwen_model, swapped, clean_cache, metric,
+                                               patch_setter=patching.layer_pos_patch_setter,
+                                               activation_name="resid_post",
+                                               index_df=pd.DataFrame(cells, columns=["layer", "pos"]))
+        tl_heads = patching.get_act_patch_attn_head_out_all_pos(qwen_model, swapped, clean_cache, metric)
+    groups = {f"p{p}": torch.zeros(1, n, dtype=torch.bool).index_fill_(1, torch.tensor([p]), True)
+              for p in (2, 4, 8, n - 1)}
+    groups["all"] = torch.ones(1, n, dtype=torch.bool)
+    sites = [Site("resid", (l,), f"p{p}") for l, p in cells]
+    sites += [Site("head", (l,), "all", head=h) for l in range(L) for h in range(qwen_model.cfg.n_heads)]
+    out, n_fwd = run_sites(qwen_model, clean, swapped, sites, groups, reduce=lambda lg: lg[:, answer],
+                           sites_per_forward=len(sites))
+    assert n_fwd == 2  # the clean cache + one forward for every site; TransformerLens ran one per site
+    torch.testing.assert_close(out[:len(cells), 0], tl.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[len(cells):, 0].view(L, -1), tl_heads.float(), atol=2e-5, rtol=1e-4)

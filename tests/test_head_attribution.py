@@ -12,6 +12,7 @@ from conftest import QWEN_IDS, hf_kwargs, make_hf_qwen, qwen_batch
 from torch import nn
 
 from mechvlm import HookedVLM
+from mechvlm.forward_args import VLMBatch
 from mechvlm.analyses.forward_rows import last_positions, logits_at, repeat_batch
 from mechvlm.analyses.head_attribution import (fit_head_attribution, head_attribution, sample_masks)
 from mechvlm.analyses.kv_baseline import image_kv_means, place_baseline
@@ -130,17 +131,9 @@ def test_output_ablation_by_row_equals_ablate_heads_per_row(qwen_model):
     for b, heads in ((0, {0: [1, 3]}), (1, {2: [2]})):
         ref_hooks = ablate_heads(heads, mode="mean", means=means)
         with torch.no_grad():
-            want = qwen_model.run_with_hooks(**_row(batch, b), fwd_hooks=ref_hooks)[0, -1]
+            row = VLMBatch(batch, image_token_id=qwen_model.cfg.image_token_id)[b:b + 1]
+            want = qwen_model.run_with_hooks(**row, fwd_hooks=ref_hooks)[0, -1]
         torch.testing.assert_close(got[b], want, atol=2e-5, rtol=1e-4)
-
-
-def _row(batch: dict, b: int) -> dict:
-    """Row ``b`` of a qwen_batch with its own image (one image per row here)."""
-    grid = batch["image_grid_thw"]
-    n = grid.prod(-1)
-    start = int(n[:b].sum())
-    return {"input_ids": batch["input_ids"][b:b + 1], "attention_mask": batch["attention_mask"][b:b + 1],
-            "image_grid_thw": grid[b:b + 1], "pixel_values": batch["pixel_values"][start:start + int(n[b])]}
 
 
 @pytest.mark.parametrize("ablation", ["image_kv", "output"])

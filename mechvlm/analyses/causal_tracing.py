@@ -17,9 +17,9 @@ masks, callables of the roles).
 The sites are batched: the corrupted batch is stacked ``sites_per_forward`` times and row
 ``c * ex + e`` restores site ``c`` in example ``e`` (`interventions.replace_where` with the
 clean activations broadcast over the copies), so a (layer x group) map costs a few forwards
-instead of one per site as in TransformerLens' ``patching`` (which could take over the
-one-site-per-forward loop once its functions accept image batches; the test's brute-force
-reference is that loop, with `interventions.patch_activations`).
+instead of one per site as in TransformerLens' ``patching`` (which runs on mechvlm with
+image batches, `forward_args.VLMBatch`; the tests use it, and a loop of
+`interventions.patch_activations`, as the one-site-per-forward references).
 """
 
 from __future__ import annotations
