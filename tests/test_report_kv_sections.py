@@ -31,7 +31,8 @@ def test_report_kv_sections_on_the_shipped_toy(tmp_path, monkeypatch):
     monkeypatch.setattr(probe_section, "SIZES", (8, 4, 8))  # smaller than the report's defaults
     monkeypatch.setattr(ha_section, "N_MASKS", 32)
     out = tmp_path / "report"
-    assert main(["report", "--out", str(out), "--no-progress", "--limit", "4", "--batch-size", "4",
+    assert main(["report", "--model", str(SHIPPED["qwen2_5_vl"]), "--out", str(out), "--no-progress",
+                 "--limit", "4", "--batch-size", "4",
                  "--conditions", "none", "--analyses", ",".join(SECTIONS)]) == 0
     res = json.loads((out / "results.json").read_text())["analyses"]
     assert set(res) == set(SECTIONS)

@@ -35,7 +35,7 @@ def compute(ctx: ReportContext) -> HeadAttributionSection:
 
 def render(result: HeadAttributionSection, page, ctx: ReportContext) -> None:
     from ...viz import fig_head_attribution
-    from ..render import _table
+    from ..tables import html_table
 
     res, tv = result.attribution, result.top_vs_random
     page.add_heading("Head attribution (seed 004)")
@@ -44,7 +44,7 @@ def render(result: HeadAttributionSection, page, ctx: ReportContext) -> None:
                   f"items; ridge fit of the drop of the predicted token's logit, held-out R² {res.r2_test:.2f}; "
                   f"{res.n_forwards} forwards, {res.wall_s:.1f} s.")
     page.add(fig_head_attribution(res), alt="head attribution heatmaps")
-    page.add_html(_table(["heads ablated", "agreement with the clean prediction"],
+    page.add_html(html_table("head_attribution_top_vs_random", ["heads ablated", "agreement with the clean prediction"],
                          [["none", f"{tv['clean']:.3f}"], [f"top {tv['k']}: {tv['top_heads']}", f"{tv['top']:.3f}"],
                           [f"{tv['k']} random (mean of {len(tv['random'])})", f"{tv['random_mean']:.3f}"]],
                          "top-attributed heads vs random heads"))

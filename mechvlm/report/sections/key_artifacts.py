@@ -30,7 +30,7 @@ def compute(ctx: ReportContext) -> KeyArtifactSection:
 
 def render(result: KeyArtifactSection, page, ctx: ReportContext) -> None:
     from ...viz import fig_key_artifacts
-    from ..render import _table
+    from ..tables import html_table
 
     page.add_heading("Input-agnostic image keys (seed 002)")
     page.add_text(f"Mean cosine of each image key (layer, grid cell, KV head) over all pairs of the "
@@ -38,7 +38,7 @@ def render(result: KeyArtifactSection, page, ctx: ReportContext) -> None:
                   "with their mean vs as many random keys: KL of the next-token distribution at the last position.")
     page.add(fig_key_artifacts(result.artifacts), alt="key consistency across images")
     r = result.replacement
-    page.add_html(_table(["keys replaced", "n keys per layer", "mean KL", "mean change of p(top-1)"],
+    page.add_html(html_table("key_artifacts_replacement", ["keys replaced", "n keys per layer", "mean KL", "mean change of p(top-1)"],
                          [["artifacts", str(r["n_keys"]), f"{r['artifacts']['kl']:.2e}",
                            f"{r['artifacts']['dp_top1']:+.2e}"],
                           ["random (mean)", str(r["n_keys"]), f"{r['random_mean']['kl']:.2e}",

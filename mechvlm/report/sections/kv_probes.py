@@ -39,7 +39,7 @@ def compute(ctx: ReportContext) -> KVProbeSection:
 
 def render(result: KVProbeSection, page, ctx: ReportContext) -> None:
     from ...viz import fig_probe_scores
-    from ..render import _table
+    from ..tables import html_table
 
     page.add_heading("Zero-shot probes of the image keys and values (seed 002)")
     page.add_text("Segmentation: a linear probe on the token features, mIoU object vs background on held-out "
@@ -54,7 +54,7 @@ def render(result: KVProbeSection, page, ctx: ReportContext) -> None:
         a, b = result.no_prefix.best(task), result.prefix.best(task)
         rows.append([task, f"{a['kind']} L{a['layer']}", f"{a['score']:.3f}", f"{b['score']:.3f}",
                      f"{a['chance']:.3f}"])
-    page.add_html(_table(["task", "best (no prefix)", "score", f"with prefix {PREFIX!r}", "chance"], rows,
+    page.add_html(html_table("kv_probes_prefix", ["task", "best (no prefix)", "score", f"with prefix {PREFIX!r}", "chance"], rows,
                          "text-prefix control: the best language-model row without and with the prefix"))
 
 
