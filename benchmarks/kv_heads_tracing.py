@@ -11,7 +11,7 @@ groups), and the toy findings they support, on the shipped toy Qwen2.5-VL.
    attribution's examples and on held-out scenes.
 
 Writes ``benchmarks/kv_heads_tracing.json`` and its own section of ``benchmarks/RESULTS.md``
-(between ``<!-- kv_heads_tracing -->`` markers; the rest of the file is left alone).
+(`_common.write_results_section`: its marked section only; the rest of the file is kept).
 
     HF_HUB_OFFLINE=1 taskset -c 1 .venv/bin/python benchmarks/kv_heads_tracing.py   # ~10 min, 1 thread
     .venv/bin/python benchmarks/kv_heads_tracing.py --quick --out-dir /tmp/kvb       # smoke run
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -34,9 +33,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_info, paired_ratios, time_interleaved  # noqa: E402
-
-MARK_START, MARK_END = "<!-- kv_heads_tracing:start -->", "<!-- kv_heads_tracing:end -->"
+from _common import machine_info, paired_ratios, time_interleaved, write_results_section  # noqa: E402
 
 
 def toy_batches(builder, n: int, seed: int, batch_size: int):
@@ -145,14 +142,8 @@ def main(argv=None) -> int:
 
 
 def write_section(result: dict, out: Path) -> None:
-    """Replace (or append) this benchmark's section of ``out/RESULTS.md``; nothing else changes."""
-    from mechvlm.fileio import write_text
-
-    md = out / "RESULTS.md"
-    old = md.read_text() if md.is_file() else ""
-    section = f"{MARK_START}\n{markdown(result)}\n{MARK_END}"
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    write_text(md, pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip() + "\n\n" + section + "\n")
+    """This benchmark's marked section of ``out/RESULTS.md`` (the rest of the file is kept)."""
+    write_results_section(out / "RESULTS.md", "kv_heads_tracing", markdown(result))
 
 
 def markdown(r: dict) -> str:
