@@ -43,6 +43,9 @@ def test_pck_and_its_chance_on_a_4x4_grid():
     # one cell: corner -> itself + 2 neighbours, inner cell -> itself + 4
     assert pck_chance(torch.tensor([[0, 0]]), (4, 4), 0.25) == pytest.approx(3 / 16)
     assert pck_chance(torch.tensor([[1, 1]]), (4, 4), 0.25) == pytest.approx(5 / 16)
+    # a 2 x 4 grid: the threshold is alpha * max(h, w) = 0.25 * 4 = 1 cell (min would give 0.5)
+    assert pck(torch.tensor([[0, 1], [1, 3]]), torch.tensor([[0, 0], [0, 0]]), (2, 4), alpha=0.25) == pytest.approx(0.5)
+    assert pck_chance(torch.tensor([[0, 0]]), (2, 4), 0.25) == pytest.approx(3 / 8)
 
 
 def test_pixel_masks_and_points_on_the_token_grid():
