@@ -14,7 +14,8 @@ from torch import nn
 from mechvlm import HookedVLM
 from mechvlm.forward_args import VLMBatch
 from mechvlm.analyses.forward_rows import last_positions, logits_at, repeat_batch
-from mechvlm.analyses.head_attribution import (fit_head_attribution, head_attribution, sample_masks)
+from mechvlm.analyses.head_attribution import (HeadAttributionResult, accuracy_with_heads_ablated, fit_head_attribution,
+                                               head_attribution, sample_masks, top_vs_random_heads)
 from mechvlm.analyses.kv_baseline import image_kv_means, place_baseline
 from mechvlm.interventions import ablate_head_outputs, ablate_heads, ablate_image_kv, mean_head_outputs
 
@@ -161,3 +162,61 @@ def test_one_head_carries_the_image_and_is_ranked_first(ablation):
     one = head_attribution(model, batches[:1], n_masks=12, ablate_prob=0.3, ablation=ablation, masks_per_forward=1,
                            n_bootstrap=0, single_head=False, attention=False, progress=False)
     torch.testing.assert_close(again.drops, one.drops, atol=1e-5, rtol=1e-4)
+
+
+def test_accuracy_with_the_carrier_mean_ablated_equals_hf():
+    """`top_vs_random_heads` on a model whose image reaches the text through one head: the
+    accuracy with the top head's output mean-ablated equals HF's, with that head's slice of
+    the ``o_proj`` input replaced by its mean over the real tokens (hooks on HF modules);
+    a head that writes nothing changes no prediction."""
+    hf = make_hf_qwen(seed=3, n_layers=2)
+    carrier, other = (1, 2), (0, 1)
+    d = hf.config.text_config.hidden_size // hf.config.text_config.num_attention_heads
+    layers = hf.model.language_model.layers
+    with torch.no_grad():  # every other head writes nothing
+        for l, layer in enumerate(layers):
+            for h in range(hf.config.text_config.num_attention_heads):
+                if (l, h) != carrier:
+                    layer.self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+    model = HookedVLM.from_hf(hf)
+    batches = [qwen_batch([[3, (1, 4, 4), 5]] * 4, seed=s) for s in (7, 8)]
+    o_proj = layers[carrier[0]].self_attn.o_proj
+    sl = slice(carrier[1] * d, (carrier[1] + 1) * d)
+
+    def hf_last_logits(batch, pre_hook=None):
+        handle = o_proj.register_forward_pre_hook(pre_hook) if pre_hook else None
+        try:
+            with torch.no_grad():
+                return hf(**hf_kwargs(batch)).logits[:, -1]  # left-padded: the last column is real
+        finally:
+            if handle:
+                handle.remove()
+
+    total, count = 0.0, 0
+    for batch in batches:  # the mean of the carrier's o_proj input over every real token
+        real = batch["attention_mask"].bool()
+
+        def grab(mod, args, real=real):
+            nonlocal total, count
+            total = total + args[0][..., sl][real].double().sum(0)
+            count += int(real.sum())
+        hf_last_logits(batch, grab)
+    mean = (total / count).float()
+    targets = torch.cat([hf_last_logits(b).argmax(-1) for b in batches])
+    ablated = torch.cat([hf_last_logits(b, lambda mod, args: (torch.cat(
+        [args[0][..., :sl.start], mean.expand_as(args[0][..., sl]), args[0][..., sl.stop:]], -1),)).argmax(-1)
+        for b in batches])
+    want_top = float((ablated == targets).float().mean())
+    assert want_top < 1.0  # the carrier matters on these inputs
+
+    w = torch.zeros(2, 4)
+    w[carrier] = 1.0
+    res = HeadAttributionResult(weights=w, ci_low=w, ci_high=w, intercept=0.0, r2_train=1.0, r2_test=1.0,
+                                masks=torch.zeros(1, 2, 4, dtype=torch.bool), drops=torch.zeros(1),
+                                clean=torch.zeros(8), targets=targets.float(), single=None, attention=None,
+                                n_forwards=0, wall_s=0.0,
+                                settings={"ablation": "output", "unit": "query_head", "per_cell": True})
+    out = top_vs_random_heads(model, batches, res, targets.tolist(), k=1, n_random=2)
+    assert out["top_heads"] == [carrier] and out["clean"] == 1.0
+    assert out["top"] == pytest.approx(want_top, abs=1e-9)
+    assert accuracy_with_heads_ablated(model, batches, [other], targets.tolist(), ablation="output") == 1.0
