@@ -212,6 +212,8 @@ def markdown(result: dict) -> str:
     if runs:
         lines += ["", f"Cells from {len(runs) + 1} runs of the script (same settings): load average at their starts "
                   + ", ".join(f"{r['loadavg_start'][0]:.1f}" for r in [m] + runs) + "."]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     rep = result.get("report")
     if rep:
         b, a = rep["wall_ms"]["report_before"], rep["wall_ms"]["report_after"]

@@ -262,3 +262,49 @@ def test_model_generate_strings_with_a_tokenizer():
     alone = greedy_generate(model, {"input_ids": rows[0][None]}, 3, model.cfg.eos_token_id)
     assert one == tok.decode(alone.sequences[0], skip_special_tokens=True)
     assert tok.decode(alone.new_tokens[0], skip_special_tokens=True)  # it generated words
+
+
+# --------------------------------------- visual-token conditions (issue 16) over the cache --
+def _drop_two_image_tokens(model, batch):
+    roles = model.roles(**batch)
+    drop = torch.zeros_like(roles.image)
+    for row in range(drop.shape[0]):
+        where = roles.image[row].nonzero()[:, 0]
+        drop[row, where[[1, -2]]] = True
+    return roles, drop
+
+
+@pytest.mark.parametrize("name", ["removed", "inject:2", "skip:mlp:1"])
+def test_visual_token_conditions_cache_equals_no_cache(qwen_model, name):
+    from mechvlm.interventions import mask_image_keys, remove_image_tokens
+    from mechvlm.mmbench.conditions import Condition, condition_by_name
+
+    batch = _present(qwen_batch([[3, (1, 4, 6), 5], [2, (1, 4, 4), 7]], seed=21))
+    if name == "removed":  # image_cells carried into the prefill; positions continue after the kept cells
+        roles, drop = _drop_two_image_tokens(qwen_model, batch)
+        cond = Condition(name, name, prepare=lambda m, b: (remove_image_tokens(b, roles, drop, pad_id=QWEN_IDS["pad"])
+                                                           .batch, None))
+    else:
+        cond = condition_by_name(name)
+    gb, hooks = cond.setup(qwen_model, batch)
+    assert (name == "removed") == ("image_cells" in gb)
+    ref = greedy_generate(qwen_model, gb, 5, NEVER, fwd_hooks=hooks, output_logits=True, use_past_kv_cache=False)
+    ours = greedy_generate(qwen_model, gb, 5, NEVER, fwd_hooks=hooks, output_logits=True)
+    assert torch.equal(ours.sequences, ref.sequences) and (ours.logits - ref.logits).abs().max() <= TOL
+    if name == "inject:2":  # a static list built from the prompt's roles by name extends as well
+        from mechvlm.interventions import inject_at_layer
+
+        static = greedy_generate(qwen_model, gb, 5, NEVER, output_logits=True,
+                                 fwd_hooks=inject_at_layer(qwen_model.roles(**gb), 2))
+        assert torch.equal(static.sequences, ref.sequences) and (static.logits - ref.logits).abs().max() <= TOL
+    if name == "removed":  # for Qwen, removing image tokens = masking them as keys (grid positions kept)
+        masked = greedy_generate(qwen_model, batch, 5, NEVER, output_logits=True,
+                                 fwd_hooks=lambda b, r: mask_image_keys(r, torch.cat(
+                                     [drop, torch.zeros_like(drop[:, :1]).expand(-1, r.shape[1] - drop.shape[1])], 1)))
+        assert torch.equal(ours.new_tokens, masked.new_tokens) and (ours.logits - masked.logits).abs().max() <= TOL
+        with pytest.raises(ValueError, match="text tokens only"):  # a continuation refuses image_cells
+            from mechvlm.kv_cache import VLMKeyValueCache
+
+            cache = VLMKeyValueCache.init_cache(qwen_model.cfg, qwen_model.device, 2)
+            qwen_model(**gb, past_kv_cache=cache)
+            qwen_model(ours.new_tokens[:, :1], past_kv_cache=cache, image_cells=gb["image_cells"])
