@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     machine_info,
     paired_ratios,
     save_result,
+    time_before_after,
     time_interleaved,
     write_results_section,
 )
@@ -310,14 +311,10 @@ def main(argv=None) -> dict:
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:
-                fns = report_contenders(args, tmp)
-                outs = {k: fn() for k, fn in fns.items()}
-                same = all(outs["report_before"][c]["accuracy"] == outs["report_after"][c]["accuracy"]
-                           for c in outs["report_after"])
-                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.report_reps, 0, device)
-            result["report"] = {"wall_ms": wall, "cpu_ms": cpu, "same_table": same, "limit": args.report_limit,
-                                "ratio": paired_ratios(wall["report_after"], wall["report_before"]),
-                                "cpu_ratio": paired_ratios(cpu["report_after"], cpu["report_before"])}
+                result["report"] = time_before_after(
+                    report_contenders(args, tmp), args.report_reps, device,
+                    lambda b, a: all(b[c]["accuracy"] == a[c]["accuracy"] for c in a))
+            result["report"]["limit"] = args.report_limit
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(result)
     print("\n" + text)
