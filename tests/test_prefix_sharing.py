@@ -72,13 +72,31 @@ QWEN_ROWS = [[4, (1, 4, 6), 6], [2, (1, 4, 4), 9], [3, (1, 4, 4), (1, 4, 4), 5],
 def test_qwen_table1_conditions_share_one_prefill(qwen_model):
     batch = _present(qwen_batch(QWEN_ROWS, seed=1))
     ref = _one_by_one(qwen_model, batch, CONDITIONS)
-    gens, plan, encoded = _run(qwen_model, batch, CONDITIONS)
-    _assert_same(gens, ref)
-    assert plan.shared == list(CONDITIONS) and not plan.fallback and encoded == 1
+    for stack in (True, False):  # side by side along the batch, or each from a fork of the cache
+        gens, plan, encoded = _run(qwen_model, batch, CONDITIONS, stack=stack)
+        _assert_same(gens, ref)
+        assert plan.shared == list(CONDITIONS) and not plan.fallback and encoded == 1
+        assert plan.stacked == (list(CONDITIONS) if stack else [])
     assert not plan.common  # rows split at different columns: padding moved between prefix and rest
     roles = qwen_model.roles(**batch)
     first_text = [int(r.nonzero()[0]) for r in roles.text[:3]]
     assert plan.boundary[:3].tolist() == first_text  # everything up to the first text token is shared
+
+
+def test_qwen_stop_tokens_end_each_condition_as_its_own_run(qwen_model):
+    """Stacked along the batch, the conditions run until all rows stopped; each condition's
+    part is cut to the steps its own run takes (same sequences, finished, logits)."""
+    batch = _present(qwen_batch(QWEN_ROWS[:2], seed=5))
+    free = greedy_generate(qwen_model, batch, 3, [NEVER])
+    eos = [int(free.new_tokens[0, 1]), int(free.new_tokens[1, 2])]  # "none" stops after 3 steps
+    ref = {k: greedy_generate(qwen_model, batch, 6, eos, fwd_hooks=c, output_logits=True)
+           for k, c in CONDITIONS.items()}
+    gens, plan = generate_conditions(qwen_model, batch, CONDITIONS, 6, eos, output_logits=True)
+    assert plan.stacked == list(CONDITIONS)
+    _assert_same(gens, ref)
+    assert ref["none"].new_tokens.shape[1] < 6  # stopped early, unlike the stacked run as a whole
+    for k in CONDITIONS:
+        assert torch.equal(gens[k].finished, ref[k].finished)
 
 
 def test_qwen_user_hook_falls_back(qwen_model):
