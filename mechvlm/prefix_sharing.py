@@ -55,12 +55,15 @@ class PrefixPlan:
         shared: the conditions that run from the shared prefix.
         fallback: ``{condition: reason}`` for the ones that run on their own.
         common: True when one column splits every row (no padding moves).
+        stacked: the shared conditions run side by side along the batch (the others each
+            continue from a fork of the prefix cache).
     """
 
     boundary: Int[Tensor, " batch"] | None
     shared: list[str] = field(default_factory=list)
     fallback: dict[str, str] = field(default_factory=dict)
     common: bool = True
+    stacked: list[str] = field(default_factory=list)
 
     @property
     def shared_columns(self) -> int:
@@ -167,6 +170,60 @@ def _in_batch_layout(gen: Generation, batch: Mapping) -> Generation:
                               if k not in ("input_ids", "attention_mask") and v is not None})
 
 
+def _stackable(condition) -> bool:
+    """A knockout `Condition` or one without intervention (no custom hooks, no prepare step):
+    its hooks can be restricted to some rows of a batch (`StackedKnockouts`)."""
+    return all(hasattr(condition, a) for a in ("key", "query", "mode")) and \
+        getattr(condition, "hooks", None) is None and getattr(condition, "prepare", None) is None
+
+
+class StackedKnockouts:
+    """``(batch, roles) -> hooks`` for knockout conditions stacked along the batch: condition
+    ``i`` owns rows ``i * rows .. (i + 1) * rows - 1`` and cuts only there. One `knockout` per
+    mode, its query / key masks set row by row (rebuilt every generation step from that
+    step's roles, so the generated tokens are covered as in each condition's own run)."""
+
+    def __init__(self, conditions: list, rows: int):
+        self.conditions, self.rows = conditions, rows
+
+    def __call__(self, batch, roles) -> list:
+        from mechvlm.interventions import knockout
+
+        hooks = []
+        for mode in sorted({c.mode for c in self.conditions if c.key is not None}):
+            query = torch.zeros(roles.shape, dtype=torch.bool, device=roles.image.device)
+            key = torch.zeros_like(query)
+            for i, c in enumerate(self.conditions):
+                if c.key is not None and c.mode == mode:
+                    rows = slice(i * self.rows, (i + 1) * self.rows)
+                    query[rows], key[rows] = roles.mask(c.query)[rows], roles.mask(c.key)[rows]
+            hooks += knockout(roles, query=query, key=key, mode=mode)
+        return hooks
+
+
+def _stack_batch(relaid: Mapping, n: int) -> dict:
+    """``relaid`` repeated ``n`` times along the batch (what a continuation and its roles need:
+    the per-token inputs and the image grids; the pixels were encoded in the prefill)."""
+    keep = (*PER_TOKEN_INPUTS, "image_grid_thw")
+    return {k: v.repeat(n, 1) for k, v in relaid.items() if k in keep and v is not None}
+
+
+def _unstack(gen: Generation, i: int, rows: int, batch: Mapping) -> Generation:
+    """Condition ``i``'s rows of a stacked generation, cut to the steps its own run takes (it
+    stops once all its rows emitted a stop token)."""
+    sl = slice(i * rows, (i + 1) * rows)
+    new = gen.new_tokens[sl]
+    steps = new.shape[1]
+    if gen.eos_token_ids:
+        hit = torch.isin(new, torch.tensor(gen.eos_token_ids, device=new.device))
+        if bool(hit.any(-1).all()):
+            steps = min(steps, int(hit.int().argmax(-1).max()) + 1)
+    part = Generation(sequences=torch.cat([gen.sequences[sl, :gen.prompt_length], new[:, :steps]], dim=1),
+                      prompt_length=gen.prompt_length, finished=gen.finished[sl], eos_token_ids=gen.eos_token_ids,
+                      logits=None if gen.logits is None else gen.logits[sl, :steps])
+    return _in_batch_layout(part, batch)
+
+
 def _touched(condition, roles) -> Tensor | None:
     touched = getattr(condition, "touched", None)
     return touched(roles) if callable(touched) else None
@@ -180,7 +237,8 @@ def _setup(condition, model, batch):
 @torch.no_grad()
 def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object], max_new_tokens: int,
                         eos_token_ids: Iterable[int] | int, *, pad_token_id: int | None = None,
-                        output_logits: bool = False, share_prefix: bool = True) -> tuple[dict[str, Generation], PrefixPlan]:
+                        output_logits: bool = False, share_prefix: bool = True,
+                        stack: bool = True) -> tuple[dict[str, Generation], PrefixPlan]:
     """Greedy generation of one batch under each condition, sharing what they share.
 
     Args:
@@ -191,6 +249,10 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
             ``fwd_hooks`` (a hook list or callable, which runs on its own).
         max_new_tokens, eos_token_ids, pad_token_id, output_logits: as `greedy_generate`.
         share_prefix: False runs every condition on its own (the reference path).
+        stack: run the sharing knockout conditions (and ``none``) side by side along the
+            batch, one generation over ``len(conditions) x batch`` rows (`StackedKnockouts`:
+            one read of the weights per step for all of them); False (or custom
+            conditions) continues each from its own fork of the prefix cache.
 
     Returns:
         ``({name: Generation}, plan)``: each `Generation` equals what ``greedy_generate(model,
@@ -221,9 +283,23 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
         prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
         cache = VLMKeyValueCache.init_cache(model.cfg, model.device, batch["input_ids"].shape[0])
         model(**prefix, past_kv_cache=cache, return_type=None)
-        for i, name in enumerate(plan.shared):
-            fork = cache if i == len(plan.shared) - 1 else cache.fork()
+        rows = batch["input_ids"].shape[0]
+        plan.stacked = [k for k in plan.shared if _stackable(conditions[k])] if stack else []
+        if len(plan.stacked) < 2:
+            plan.stacked = []
+        forked = [k for k in plan.shared if k not in plan.stacked]
+        for i, name in enumerate(forked):
+            fork = cache if i == len(forked) - 1 and not plan.stacked else cache.fork()
             gen = greedy_generate(model, relaid, max_new_tokens, eos_token_ids, fwd_hooks=conditions[name],
                                   pad_token_id=pad_token_id, output_logits=output_logits, past_kv_cache=fork)
             out[name] = _in_batch_layout(gen, batch)
+        if plan.stacked:
+            n = len(plan.stacked)
+            stacked = cache.select_rows(torch.arange(rows, device=cache.input_ids.device).repeat(n))
+            del cache
+            gen = greedy_generate(model, _stack_batch(relaid, n), max_new_tokens, eos_token_ids,
+                                  fwd_hooks=StackedKnockouts([conditions[k] for k in plan.stacked], rows),
+                                  pad_token_id=pad_token_id, output_logits=output_logits, past_kv_cache=stacked)
+            for i, name in enumerate(plan.stacked):
+                out[name] = _unstack(gen, i, rows, batch)
     return {k: out[k] for k in names}, plan
