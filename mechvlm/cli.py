@@ -135,14 +135,18 @@ def _csv(value: str | None) -> list[str]:
 
 def _report(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .distributed import init_from_env, shutdown, terminate_cleanly
     from .report import ReportConfig, run_report
 
-    cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=args.device,
+    device = init_from_env(args.device)  # under torchrun: join the group; "cuda" -> cuda:LOCAL_RANK
+    cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=device,
                        dtype=args.dtype, out=args.out, batch_size=args.batch_size,
                        progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
-                       overwrite=args.overwrite,
+                       overwrite=args.overwrite, resume=args.resume,
                        **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
-    run_report(cfg)
+    with terminate_cleanly():
+        run_report(cfg)
+    shutdown()
     return 0
 
 
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
     rep.add_argument("--overwrite", action="store_true",
                      help="replace files in --out that mechvlm did not write (refused otherwise)")
+    rep.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out from its journal (refused if the model, "
+                          "TSV or settings changed)")
     rep.add_argument("--batch-size", type=positive_int, default=16)
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument("--analyses", default=None, metavar="NAME[,NAME...]",

@@ -28,6 +28,7 @@ from mechvlm.models.base import (
     check_input_ids,
     padding_from_attention_mask,
 )
+from mechvlm.placement import check_placement_arguments, place_as_asked
 from mechvlm.roles import TokenRoles, compute_roles, records_batch
 
 
@@ -82,24 +83,31 @@ class HookedVLM(HookedRootModule):
         self.vision = vision
         self._rotary = family.rotary(cfg)
         self._warned_n_ctx = False
+        self.placement = None  # `mechvlm.placement.Placement` once split over devices
         self.setup()
 
     # ------------------------------------------------------------------ construction --
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None) -> "HookedVLM":
+                device: str | torch.device | None = None, device_map=None, max_memory=None,
+                n_devices: int | None = None, offload_folder=None) -> "HookedVLM":
         """Build from an in-memory HF model (e.g. ``Qwen2_5_VLForConditionalGeneration``).
 
         The HF model is not modified: its weights and vision tower are copied (cast to
         ``dtype`` / moved to ``device``, by default the HF model's own). Forward / backward
-        hooks registered on the HF modules are not carried over.
+        hooks registered on the HF modules are not carried over. ``device_map`` /
+        ``max_memory`` / ``n_devices`` / ``offload_folder``: as in `from_pretrained`.
         """
-        return cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
+        check_placement_arguments(device=device, device_map=device_map, max_memory=max_memory, n_devices=n_devices)
+        model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
+        return place_as_asked(model, device_map=device_map, max_memory=max_memory, n_devices=n_devices,
+                              offload_folder=offload_folder)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, strict: bool = True,
-                        **hf_kwargs) -> "HookedVLM":
+                        device_map=None, max_memory=None, n_devices: int | None = None,
+                        offload_folder=None, **hf_kwargs) -> "HookedVLM":
         """Load a hub id (``"Qwen/Qwen2.5-VL-3B-Instruct"``) or a local directory in HF
         layout. ``dtype=None`` keeps the checkpoint's dtype. Extra keyword arguments go
         to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...).
@@ -107,7 +115,16 @@ class HookedVLM(HookedRootModule):
         Refused with an error that names the problem: a path that does not exist or is a
         file, and a checkpoint whose tensors are not exactly the model's (missing,
         unexpected or of another shape: `mechvlm.checkpoint_check`; ``strict=False`` makes
-        that a warning)."""
+        that a warning).
+
+        Several devices (`mechvlm.placement`): ``device_map="auto"`` (or ``"balanced"``,
+        ``"balanced_low_0"``, ``"sequential"``; with ``max_memory={0: "20GiB", 1: "20GiB",
+        "cpu": "200GiB"}``) splits the blocks over the devices as HF would; a dict
+        ``{"vision": 0, "embed": 0, "blocks.0": 0, ..., "ln_final": 1, "unembed": 1}`` (or
+        ``{"blocks": 1, ...}`` for groups) places each piece; ``"cpu"`` next to a GPU and
+        ``"disk"`` (needs ``offload_folder``) are offloaded through accelerate's hooks.
+        ``n_devices=k``: TransformerLens' split over ``cuda:0..k-1``. The weights are
+        loaded on the CPU first, then placed."""
         import transformers
 
         from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
@@ -116,8 +133,11 @@ class HookedVLM(HookedRootModule):
         family = family_for(hf_config)
         hf_class = getattr(transformers, family.hf_class_name)
         # a missing / unexpected tensor raises, naming it, instead of a random initialisation
+        check_placement_arguments(device=device, device_map=device_map, max_memory=max_memory, n_devices=n_devices)
         hf_model = load_hf_checked(hf_class, name_or_path, strict=strict, dtype=dtype or "auto", **hf_kwargs)
-        return cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
+        model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
+        return place_as_asked(model, device_map=device_map, max_memory=max_memory, n_devices=n_devices,
+                              offload_folder=offload_folder)
 
     @classmethod
     def _build(cls, hf_model, *, dtype, device, copy_weights: bool) -> "HookedVLM":
@@ -154,7 +174,9 @@ class HookedVLM(HookedRootModule):
     # ----------------------------------------------------------------------- forward --
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        """Where the inputs go (the embedding's device; a placed model's main device)."""
+        placement = getattr(self, "placement", None)
+        return placement.main_device if placement is not None else self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:

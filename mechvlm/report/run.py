@@ -30,9 +30,11 @@ from ..mmbench.conditions import CONDITIONS, resolve_conditions
 from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import check_item_images, load_mmbench
-from ..outdir import prepare_out_dir, write_manifest
+from ..distributed import is_main
+from ..outdir import write_manifest
 from ..processing import InputBuilder
 from .examples import example_heatmaps
+from .resume import open_report_journal, prepare_report_out
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import SHIPPED
 
@@ -53,6 +55,7 @@ class ReportConfig:
     analyses: tuple[str, ...] = ()  # optional sections (`mechvlm.report.sections.ANALYSES`)
     progress: bool = True
     overwrite: bool = False  # replace files in ``out`` that mechvlm did not write
+    resume: bool = False  # continue an interrupted run from ``out``'s journal (`report.resume`)
 
     def check(self) -> None:
         """Refuse out-of-range arguments (naming them) before any work."""
@@ -107,20 +110,23 @@ def run_report(cfg: ReportConfig) -> dict:
     sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
     resolve_conditions(list(cfg.conditions))
     cfg.check()
-    out_state = prepare_out_dir(cfg.out, overwrite=cfg.overwrite)  # writable, nothing of the user's
+    out_state = prepare_report_out(cfg)  # writable, nothing of the user's (rank 0 checks)
     items = load_mmbench(cfg.tsv(), check_images=False)
     if cfg.limit is not None:
         items = items[:cfg.limit]
     if not items:
         raise ValueError(f"no items to evaluate in {cfg.tsv()}")
     check_item_images(items, cfg.tsv())  # a broken image fails now, not after the compute
+    journal = open_report_journal(cfg)  # a --resume of another run is refused here, before the model loads
     model, builder = load(cfg)
     batches = list(metric_batches(builder, items, cfg.batch_size))
-    share = attention_share(model, batches, progress=cfg.progress)
-    received = received_attention(model, batches, keep_received=False, progress=cfg.progress)
+    share = attention_share(model, batches, progress=cfg.progress, journal=journal.task("attention_share"))
+    received = received_attention(model, batches, keep_received=False, progress=cfg.progress,
+                                  journal=journal.task("received_attention"))
     knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                        progress=cfg.progress)
+                        progress=cfg.progress, journal=journal)
+    journal.close()
     results = {
         "model": str(cfg.model_dir()), "model_type": builder.model_type,
         "mmbench": str(cfg.tsv()), "n_items": len(items),
@@ -134,6 +140,8 @@ def run_report(cfg: ReportConfig) -> dict:
     computed = [(s, s.compute(ctx)) for s in sections]
     results["analyses"] = {s.name: r.to_dict() for s, r in computed}
     results["wall_s"] = round(time.time() - t0, 2)
+    if not is_main():  # under torchrun every rank holds the gathered results; rank 0 writes them
+        return results
     write_outputs(results, share, received, Path(cfg.out), examples, sections=computed, ctx=ctx)
     write_manifest(cfg.out, out_state, command="mechvlm report")
     print_summary(results, Path(cfg.out))
