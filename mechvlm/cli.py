@@ -140,7 +140,7 @@ def _report(args: argparse.Namespace) -> int:
 
     device = init_from_env(args.device)  # under torchrun: join the group; "cuda" -> cuda:LOCAL_RANK
     cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=device,
-                       dtype=args.dtype, out=args.out, batch_size=args.batch_size,
+                       device_map=args.device_map, dtype=args.dtype, out=args.out, batch_size=args.batch_size,
                        progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
                        overwrite=args.overwrite, resume=args.resume,
                        **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--mmbench", default=None, help="MMBench-format TSV (default: shipped synthetic one)")
     rep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows")
     rep.add_argument("--device", default="cpu")
+    rep.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                     help="split the model over the GPUs as HF's device_map does (under torchrun: over this "
+                          "process's share of the node's GPUs), offloading to the CPU what does not fit")
     rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
     rep.add_argument("--overwrite", action="store_true",

@@ -294,6 +294,27 @@ def _refuse_moves(model) -> None:
         object.__setattr__(model, name, refuse)
 
 
+def rank_max_memory() -> dict | None:
+    """This process's share of the node's accelerators for an automatic ``device_map``:
+    under ``torchrun`` with ``LOCAL_WORLD_SIZE = r`` processes per node, local rank ``i``
+    gets accelerators ``i*g .. i*g+g-1`` (``g = count // r``) with their free memory, plus
+    the CPU; None in a single process (every accelerator)."""
+    from accelerate.utils import get_max_memory
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world <= 1:
+        return None
+    count = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    per_rank = count // local_world
+    if per_rank < 1:
+        raise ValueError(f"{local_world} processes per node share {count} accelerators: an automatic device_map "
+                         "needs at least one per process (run fewer processes per node)")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    mine = range(local_rank * per_rank, (local_rank + 1) * per_rank)
+    free = get_max_memory()
+    return {**{i: free[i] for i in mine}, "cpu": free["cpu"] // local_world}
+
+
 def check_placement_arguments(*, device=None, device_map=None, max_memory=None, n_devices=None) -> None:
     """Refuse contradictory placement arguments before anything is loaded."""
     if n_devices is not None and device_map is not None:

@@ -179,3 +179,20 @@ def test_from_pretrained_with_device_maps(batch, tmp_path):
         want = plain(**inputs)
         assert torch.equal(auto(**inputs), want)
         assert torch.equal(split(**inputs), want)
+
+
+def test_each_torchrun_process_gets_its_share_of_the_gpus(monkeypatch):
+    import accelerate.utils
+
+    from mechvlm.placement import rank_max_memory
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 4)
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {0: 10, 1: 11, 2: 12, 3: 13, "cpu": 100})
+    assert rank_max_memory() is None  # one process: every GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_max_memory() == {2: 12, 3: 13, "cpu": 50}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="8 processes per node share 4 accelerators"):
+        rank_max_memory()

@@ -6,7 +6,7 @@ computed. ``mechvlm report ... --resume`` reruns the same command: the batches r
 are read back, the others computed, and results.json is the one an uninterrupted run
 writes. The journal's header pins the run: the model folder's and the TSV's content
 fingerprints (`mechvlm.fingerprint`) and every setting that changes a number (all of
-`ReportConfig` except ``out``, ``overwrite``, ``resume`` and ``progress``; of ``device``
+`ReportConfig` except ``out``, ``overwrite``, ``resume``, ``progress`` and ``device_map``; of ``device``
 only its type). ``--resume`` against another model, TSV or setting is refused, naming
 what changed. The number of processes (``torchrun --nproc-per-node``) may change.
 """
@@ -24,8 +24,9 @@ from ..journal import Journal, is_journal_file
 from ..outdir import OutputExistsError, prepare_out_dir
 
 JOURNAL_DIR = "journal"
-#: Settings that do not change any number of the report.
-NOT_PINNED = ("out", "overwrite", "resume", "progress")
+#: Settings that do not change any number of the report (a model split over GPUs of one
+#: type computes what one GPU computes).
+NOT_PINNED = ("out", "overwrite", "resume", "progress", "device_map")
 
 
 def _journal_file(rel: str) -> bool:

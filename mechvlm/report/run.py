@@ -32,6 +32,7 @@ from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import check_item_images, load_mmbench
 from ..distributed import is_main
 from ..outdir import write_manifest
+from ..placement import rank_max_memory
 from ..processing import InputBuilder
 from .examples import example_heatmaps
 from .resume import open_report_journal, prepare_report_out
@@ -47,6 +48,7 @@ class ReportConfig:
     mmbench: str | None = None  # MMBench TSV (default: the shipped synthetic one)
     limit: int | None = None  # first N rows of the TSV
     device: str = "cpu"
+    device_map: str | None = None  # "auto" (...): the model split over the GPUs (`mechvlm.placement`)
     dtype: str = "float32"
     out: str = "mechvlm-report"
     batch_size: int = 16
@@ -86,7 +88,11 @@ class ReportConfig:
 def load(cfg: ReportConfig) -> tuple[HookedVLM, InputBuilder]:
     cfg.check()
     path = cfg.model_dir()
-    model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
+    if cfg.device_map:  # under torchrun, each process splits its model over its share of the node's GPUs
+        model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device_map=cfg.device_map,
+                                          max_memory=rank_max_memory())
+    else:
+        model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
     return model, InputBuilder.from_pretrained(path)
 
