@@ -54,13 +54,14 @@ def test_map_units_reads_back_what_the_journal_holds_and_computes_the_rest(tmp_p
         assert len(j.path.read_text().splitlines()) == 1
 
 
-def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path):
+@pytest.mark.parametrize("cut", [25, -1])  # inside the line; right before its newline (whole JSON)
+def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path, cut):
     with Journal.open(tmp_path, HEADER, resume=False) as j:
         map_units(lambda u: [int(x) for x in u], _units(2), journal=j.task("items", per_row=True))
         path = j.path
     lines = path.read_bytes().splitlines(keepends=True)
     assert len(lines) == 1 + 2 * 3  # the header, then one line per row of each unit
-    path.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # killed while writing unit 1's last row
+    path.write_bytes(b"".join(lines[:-1]) + lines[-1][:cut])  # killed while writing unit 1's last row
     calls = []
     with Journal.open(tmp_path, HEADER, resume=True) as j:
         assert j.n_done == 1
