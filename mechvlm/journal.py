@@ -198,6 +198,10 @@ class Journal:
     def task(self, name: str, *, per_row: bool = False) -> JournalTask:
         return JournalTask(self, name, per_row)
 
+    def scope(self, prefix: str) -> "JournalScope":
+        """A view whose tasks are named ``prefix + name`` (e.g. one per model of a run)."""
+        return JournalScope(self, prefix)
+
     @property
     def n_done(self) -> int:
         """Complete units recorded when the journal was opened."""
@@ -231,3 +235,13 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class JournalScope:
+    """`Journal.scope`: ``task(name)`` is the journal's ``task(prefix + name)``."""
+
+    def __init__(self, journal: Journal, prefix: str):
+        self.journal, self.prefix = journal, prefix
+
+    def task(self, name: str, *, per_row: bool = False) -> JournalTask:
+        return self.journal.task(self.prefix + name, per_row=per_row)

@@ -1,10 +1,10 @@
 """Resuming ``mechvlm report``: its journal, and the run it belongs to.
 
-The report's loops (attention share, received attention, every MMBench condition) append
-each batch's results to ``<out>/journal/rank-NNN.jsonl`` (`mechvlm.journal`) as they are
-computed. ``mechvlm report ... --resume`` reruns the same command: the batches recorded
+The report's loops (attention share, received attention, every MMBench condition, for
+every model) append each batch's results to ``<out>/journal/rank-NNN.jsonl``
+(`mechvlm.journal`) as they are computed. ``mechvlm report ... --resume`` reruns the same command: the batches recorded
 are read back, the others computed, and results.json is the one an uninterrupted run
-writes. The journal's header pins the run: the model folder's and the TSV's content
+writes. The journal's header pins the run: the model folders' and the TSV's content
 fingerprints (`mechvlm.fingerprint`) and every setting that changes a number (all of
 `ReportConfig` except ``out``, ``overwrite``, ``resume``, ``progress`` and ``device_map``; of ``device``
 only its type). ``--resume`` against another model, TSV or setting is refused, naming
@@ -50,19 +50,20 @@ def prepare_report_out(cfg):
     return run_on_main(prepare)
 
 
-def run_header(cfg) -> dict:
-    """What a report run is, for its journal (see the module doc)."""
+def run_header(cfg, labels: list[str]) -> dict:
+    """What a report run is, for its journal (see the module doc): ``labels`` name the
+    models in order."""
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
                 if k not in NOT_PINNED}
     settings["device"] = torch.device(cfg.device).type
-    return {"model": folder_fingerprint(cfg.model_dir()), "mmbench": file_fingerprint(cfg.tsv()),
-            "settings": settings}
+    return {"models": {label: folder_fingerprint(path) for label, path in zip(labels, cfg.model_dirs(), strict=True)},
+            "mmbench": file_fingerprint(cfg.tsv()), "settings": settings}
 
 
-def open_report_journal(cfg) -> Journal:
+def open_report_journal(cfg, labels: list[str]) -> Journal:
     """The report's journal in ``cfg.out`` (resumed when ``cfg.resume``); collective under
-    a process group."""
-    journal = Journal.open(Path(cfg.out) / JOURNAL_DIR, run_header(cfg), resume=cfg.resume)
+    a process group. Each model's loops are tasks of its scope ``"<label>/"``."""
+    journal = Journal.open(Path(cfg.out) / JOURNAL_DIR, run_header(cfg, labels), resume=cfg.resume)
     if cfg.resume and is_main():
         print(f"resuming: {journal.n_done} batches recorded in {journal.folder}")
     return journal
