@@ -22,10 +22,12 @@ import torch
 from _distributed_worker import build, metrics
 
 from mechvlm.report import ReportConfig, run_report
+from mechvlm.toy.checkpoint import SHIPPED
 
 pytestmark = pytest.mark.slow  # each test starts three Python processes (CI runs the slow group too)
 TESTS = Path(__file__).resolve().parent
 CONDITIONS = ("none", "text→image:pre_softmax_mask")
+MODEL = SHIPPED["qwen2_5_vl"]
 
 
 def _env() -> dict:
@@ -59,17 +61,23 @@ def assert_same(a, b, where="") -> None:
         assert a == b, where
 
 
-def _without_run_details(results: dict) -> dict:
-    out = dict(results, wall_s=None)
-    out["config"] = {k: v for k, v in results["config"].items() if k not in ("out", "resume")}
-    return out
+def _without_run_details(results):
+    """The results without what describes the run rather than its numbers: wall times,
+    the run-info footer (threads, command line) and ``out`` / ``resume``."""
+    if isinstance(results, dict):
+        return {k: _without_run_details(v) for k, v in results.items()
+                if k not in ("wall_s", "run", "out", "resume")}
+    if isinstance(results, list):
+        return [_without_run_details(v) for v in results]
+    return results
 
 
 def test_two_rank_report_equals_the_one_process_report(tmp_path):
-    args = ["--limit", "8", "--batch-size", "3", "--conditions", ",".join(CONDITIONS), "--no-progress"]
+    args = ["--model", str(MODEL), "--limit", "8", "--batch-size", "3", "--conditions", ",".join(CONDITIONS),
+            "--examples", "2", "--no-progress"]
     torchrun("-m", "mechvlm", "report", "--out", str(tmp_path / "two"), *args)
-    one = run_report(ReportConfig(out=str(tmp_path / "one"), limit=8, batch_size=3, conditions=CONDITIONS,
-                                  progress=False))
+    one = run_report(ReportConfig(models=(str(MODEL),), out=str(tmp_path / "one"), limit=8, batch_size=3,
+                                  conditions=CONDITIONS, examples=2, progress=False))
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     want = json.loads((tmp_path / "one" / "results.json").read_text())
     assert _without_run_details(two) == _without_run_details(want)  # predictions, metrics (JSON's 6 digits)
@@ -81,12 +89,12 @@ def test_two_rank_report_equals_the_one_process_report(tmp_path):
         for line in (tmp_path / "two" / "journal" / f"rank-{rank:03d}.jsonl").read_text().splitlines()[1:]:
             row = json.loads(line)
             units.setdefault(row["task"], {})[row["unit"]] = rank
-    assert units["attention_share"] == {0: 0, 1: 1, 2: 0}
-    assert units["knockout/none"] == {0: 0, 1: 1, 2: 0}
+    assert units["toy_qwen2_5_vl/attention_share"] == {0: 0, 1: 1, 2: 0}
+    assert units["toy_qwen2_5_vl/knockout/none"] == {0: 0, 1: 1, 2: 0}
     # resumed by one process: every batch is read back from the two ranks' files
     before = [p.read_bytes() for p in sorted((tmp_path / "two" / "journal").glob("*.jsonl"))]
-    again = run_report(ReportConfig(out=str(tmp_path / "two"), limit=8, batch_size=3, conditions=CONDITIONS,
-                                    progress=False, resume=True))
+    again = run_report(ReportConfig(models=(str(MODEL),), out=str(tmp_path / "two"), limit=8, batch_size=3,
+                                    conditions=CONDITIONS, examples=2, progress=False, resume=True))
     assert [p.read_bytes() for p in sorted((tmp_path / "two" / "journal").glob("*.jsonl"))] == before
     assert _without_run_details(json.loads((tmp_path / "two" / "results.json").read_text())) == \
         _without_run_details(want)

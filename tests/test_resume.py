@@ -51,7 +51,7 @@ def inputs(tmp_path_factory):
 
 
 def config(inputs: Path, out: Path, **kw) -> ReportConfig:
-    kw = {"limit": LIMIT, "batch_size": BATCH, "conditions": CONDITIONS, "progress": False, **kw}
+    kw = {"limit": LIMIT, "batch_size": BATCH, "conditions": CONDITIONS, "progress": False, "examples": 0, **kw}
     return ReportConfig(model=str(inputs / "model"), mmbench=str(inputs / "bench.tsv"), out=str(out), **kw)
 
 
@@ -62,10 +62,14 @@ def uninterrupted(inputs, tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-def comparable(results: dict) -> dict:
-    out = dict(results, wall_s=None)
-    out["config"] = {k: v for k, v in results["config"].items() if k not in ("out", "resume")}
-    return out
+def comparable(results):
+    """The results without what describes the run rather than its numbers: wall times,
+    the run-info footer and ``out`` / ``resume``."""
+    if isinstance(results, dict):
+        return {k: comparable(v) for k, v in results.items() if k not in ("wall_s", "run", "out", "resume")}
+    if isinstance(results, list):
+        return [comparable(v) for v in results]
+    return results
 
 
 def journal_units(out: Path) -> dict[tuple[str, int], int]:
@@ -89,14 +93,14 @@ def kill_mid_run(inputs: Path, out: Path, sig: int) -> dict:
     batches, and return the complete units it left."""
     args = ["report", "--model", str(inputs / "model"), "--mmbench", str(inputs / "bench.tsv"), "--out", str(out),
             "--limit", str(LIMIT), "--batch-size", str(BATCH), "--conditions", ",".join(CONDITIONS),
-            "--no-progress"]
+            "--examples", "0", "--no-progress"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", SLOWED_CLI, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     journal = out / "journal" / "rank-000.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if journal.is_file() and journal.read_bytes().count(b'"task": "knockout/none"') >= 2 * BATCH:
+        if journal.is_file() and journal.read_bytes().count(b'"task": "model/knockout/none"') >= 2 * BATCH:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
@@ -105,7 +109,7 @@ def kill_mid_run(inputs: Path, out: Path, sig: int) -> dict:
     assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err.decode()[-2000:]
     assert not (out / "results.json").exists()
     done = journal_units(out)
-    assert 2 <= sum(1 for task, _ in done if task == "knockout/none") < LIMIT // BATCH  # mid-run
+    assert 2 <= sum(1 for task, _ in done if task == "model/knockout/none") < LIMIT // BATCH  # mid-run
     return done
 
 

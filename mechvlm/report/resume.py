@@ -54,7 +54,8 @@ def run_header(cfg, labels: list[str]) -> dict:
     """What a report run is, for its journal (see the module doc): ``labels`` name the
     models in order."""
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in NOT_PINNED}
+                if k not in NOT_PINNED and k != "model"}
+    settings["models"] = [str(p) for p in cfg.model_dirs()]  # ``model=X`` and ``models=(X,)`` are one run
     settings["device"] = torch.device(cfg.device).type
     return {"models": {label: folder_fingerprint(path) for label, path in zip(labels, cfg.model_dirs(), strict=True)},
             "mmbench": file_fingerprint(cfg.tsv()), "settings": settings}
