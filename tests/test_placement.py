@@ -16,7 +16,7 @@ import torch
 from conftest import make_hf_qwen, qwen_batch
 
 from mechvlm import HookedVLM, attention_share
-from mechvlm.interventions import knockout
+from mechvlm.interventions import knockout, mean_head_outputs
 from mechvlm.placement import _offload, expand_device_map, infer_device_map, place
 from mechvlm.toy.checkpoint import SHIPPED
 
@@ -158,6 +158,8 @@ def test_a_split_with_the_meta_device_routes_every_hook_to_its_block_device(hf4,
     with torch.no_grad():
         model.run_with_hooks(**batch, fwd_hooks=[(n, record) for n in names], return_type=None)
     assert seen == {n: "cpu" if n.startswith(("blocks.0.", "blocks.1.")) else "meta" for n in names}
+    means = mean_head_outputs(model, [batch])  # its token mask follows each layer's device
+    assert [means[l].device.type for l in range(4)] == ["cpu", "cpu", "meta", "meta"]
     with pytest.raises(RuntimeError, match="placed over devices"):
         model.to("cpu")
 
