@@ -177,7 +177,7 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
     examples = example_attention(model, builder, items, n=cfg.examples)
     ctx = ReportContext(model=model, builder=builder, items=items, batches=batches, out=Path(cfg.out),
                         progress=cfg.progress, batch_size=cfg.batch_size, label=label,
-                        model_index=index, n_models=n_models)
+                        model_index=index, n_models=n_models, journal=journal)
     drawn = []
     for s in sections:
         result = s.compute(ctx)
