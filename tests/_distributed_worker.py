@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: the metrics'
-Python API under a gloo process group, and the sharded loop's checks. Each rank saves what
+"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: the metrics' and
+the long analyses' Python API under a gloo process group, and the sharded loop's checks. Each rank saves what
 it got to ``<out>.rank<r>.pt``."""
 
 from __future__ import annotations
@@ -23,12 +23,28 @@ def build():
     return model, [qwen_batch(rows, seed=i) for i, rows in enumerate(BATCHES)]
 
 
+def loss_batches(batches) -> list:
+    """``(batch, target_mask)`` pairs: the last two tokens of every row are the answer."""
+    out = []
+    for b in batches:
+        target = torch.zeros_like(b["input_ids"], dtype=torch.bool)
+        target[:, -2:] = True
+        out.append((b, target))
+    return out
+
+
 def metrics(model, batches) -> dict:
+    from mechvlm.analyses import token_budget, token_contribution
+
+    pairs = loss_batches(batches)
     return {
         "attention_share": attention_share(model, batches, keys=("image", "eoi", "bos"), progress=False).to_dict(),
         "received_attention": received_attention(model, batches, progress=False).to_dict(),
         "logit_lens": logit_lens(model, batches, k=3, labels=[7, 9, 11], progress=False).to_dict(),
         "similarity": visual_text_similarity(model, batches, progress=False).to_dict(),
+        "token_budget": token_budget(model, pairs, fractions=[0.5, 1.0], strategies=("first", "random"), draws=2,
+                                     progress=False).to_dict(),
+        "token_contribution": token_contribution(model, pairs, unit="row", progress=False).to_dict(),
     }
 
 

@@ -5,8 +5,8 @@ sharded results equal one-process results exactly.
   metrics) and item CSV as one process; resumed afterwards by one process, nothing is
   recomputed.
 * The metrics' Python API under an initialised group (tests/_distributed_worker.py): every
-  rank returns the one-process attention share, received attention, logit lens and
-  similarity; ranks passing different batches, or one rank failing, raise on every rank.
+  rank returns the one-process attention share, received attention, logit lens,
+  similarity, token budget and token contribution; ranks passing different batches, or one rank failing, raise on every rank.
 """
 
 from __future__ import annotations

@@ -103,3 +103,48 @@ def test_fingerprints_see_a_changed_byte_in_small_and_sampled_files(tmp_path, mo
     assert last != after
     (folder / ".mechvlm-manifest.json").write_text("{}")  # hidden files do not count
     assert fingerprint.folder_fingerprint(folder) == last
+
+
+def test_long_analyses_resume_from_the_journal_without_recomputing(tmp_path):
+    """token_budget / token_contribution killed after two of three batches, then resumed:
+    the result of an uninterrupted run (random draws included), with forwards only for the
+    batch not journaled."""
+    from conftest import make_hf_qwen, qwen_batch
+
+    from mechvlm import HookedVLM
+    from mechvlm.analyses import token_budget, token_contribution
+
+    model = HookedVLM.from_hf(make_hf_qwen(seed=9, n_layers=2))
+    pairs = []
+    for i, rows in enumerate([[[3, (1, 4, 4), 5]], [[2, (1, 4, 6), 6], [4, (1, 4, 4), 4]], [[3, (1, 4, 4), 5]]]):
+        batch = qwen_batch(rows, seed=40 + i)
+        target = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        target[:, -2:] = True
+        pairs.append((batch, target))
+    runs = {"token_budget": lambda b, **kw: token_budget(model, b, fractions=[0.5, 1.0], strategies=("first", "random"),
+                                                          draws=2, seed=4, progress=False, **kw),
+            "token_contribution": lambda b, **kw: token_contribution(model, b, unit="row", batch_size=8,
+                                                                      progress=False, **kw)}
+    forwards = []
+    model.hook_embed.add_hook(lambda x, hook: forwards.append(1), is_permanent=True)
+    try:
+        for name, run in runs.items():
+            want = run(pairs).to_dict()
+            with Journal.open(tmp_path / name, HEADER, resume=False) as j:
+                run(pairs[:2], journal=j.task(name))  # the interrupted run
+            forwards.clear()
+            with Journal.open(tmp_path / name, HEADER, resume=True) as j:
+                got = run(pairs, journal=j.task(name)).to_dict()
+                assert (j.reused, j.written) == (2, 1), name
+            resumed_forwards = len(forwards)
+            assert resumed_forwards == run(pairs[2:]).n_forwards, name  # only the last batch ran
+            for key, value in want.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(got[key].isnan(), value.isnan()), (name, key)
+                    assert torch.equal(got[key].nan_to_num(), value.nan_to_num()), (name, key)
+                elif key in ("maps", "unit_delta"):
+                    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got[key], value)), key
+                else:
+                    assert got[key] == value, (name, key)
+    finally:
+        model.reset_hooks(including_permanent=True)
