@@ -33,6 +33,13 @@ def loss_batch_list(batches: LossBatch | Iterable[LossBatch]) -> list[LossBatch]
     return batches
 
 
+def iter_loss_batches(batches: LossBatch | Iterable[LossBatch], progress: bool, desc: str):
+    """One ``(batch, target_mask)`` pair or an iterable of them, in a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    return tqdm(loss_batch_list(batches), desc=desc, disable=not progress, unit="batch", leave=False)
+
+
 @torch.no_grad()
 def row_losses(model, batch: Mapping, target_mask: Bool[Tensor, "batch pos"], hooks: Sequence = ()
                ) -> Float[Tensor, " batch"]:
