@@ -134,6 +134,10 @@ class JournalTask:
         rows = [decode(rec["rows"][k]) for k in range(rec["n"])]
         return rows if self.per_row else rows[0]
 
+    def sub(self, suffix: str) -> "JournalTask":
+        """The task ``<name>/<suffix>`` of the same journal (a second loop of one analysis)."""
+        return JournalTask(self.journal, f"{self.name}/{suffix}", self.per_row)
+
     def put(self, unit: int, fingerprint: str, result) -> None:
         rows = list(result) if self.per_row else [result]
         lines = [json.dumps({"task": self.name, "unit": unit, "fp": fingerprint, "n": len(rows), "row": k,

@@ -34,7 +34,7 @@ def loss_batches(batches) -> list:
 
 
 def metrics(model, batches) -> dict:
-    from mechvlm.analyses import token_budget, token_contribution
+    from mechvlm.analyses import head_attribution, token_budget, token_contribution
 
     pairs = loss_batches(batches)
     return {
@@ -45,6 +45,9 @@ def metrics(model, batches) -> dict:
         "token_budget": token_budget(model, pairs, fractions=[0.5, 1.0], strategies=("first", "random"), draws=2,
                                      progress=False).to_dict(),
         "token_contribution": token_contribution(model, pairs, unit="row", progress=False).to_dict(),
+        "head_attribution": {k: v for k, v in head_attribution(
+            model, batches, n_masks=8, ablate_prob=0.3, masks_per_forward=8, n_bootstrap=10, per_cell=False,
+            attention=False, progress=False).to_dict().items() if k != "wall_s"},
     }
 
 

@@ -6,7 +6,7 @@ sharded results equal one-process results exactly.
   recomputed.
 * The metrics' Python API under an initialised group (tests/_distributed_worker.py): every
   rank returns the one-process attention share, received attention, logit lens,
-  similarity, token budget and token contribution; ranks passing different batches, or one rank failing, raise on every rank.
+  similarity, token budget, token contribution and head attribution; ranks passing different batches, or one rank failing, raise on every rank.
 """
 
 from __future__ import annotations

@@ -148,3 +148,33 @@ def test_long_analyses_resume_from_the_journal_without_recomputing(tmp_path):
                     assert got[key] == value, (name, key)
     finally:
         model.reset_hooks(including_permanent=True)
+
+
+def test_head_attribution_resumes_and_refuses_other_masks(tmp_path):
+    """head_attribution's ablation loops (random masks, single heads) stopped after two of
+    three batches, then resumed: the uninterrupted result; other masks are refused."""
+    from conftest import make_hf_qwen, qwen_batch
+
+    from mechvlm import HookedVLM
+    from mechvlm.analyses import head_attribution
+
+    model = HookedVLM.from_hf(make_hf_qwen(seed=9, n_layers=2))
+    batches = [qwen_batch(rows, seed=50 + i) for i, rows in
+               enumerate([[[3, (1, 4, 4), 5]], [[2, (1, 4, 4), 6], [4, (1, 4, 4), 4]], [[3, (1, 4, 4), 5]]])]
+
+    def run(b, **kw):
+        return head_attribution(model, b, reference=batches, n_masks=8, ablate_prob=0.3, masks_per_forward=8,
+                                n_bootstrap=10, attention=False, progress=False, **kw)
+
+    want = run(batches)
+    with Journal.open(tmp_path, HEADER, resume=False) as j:
+        run(batches[:2], journal=j.task("head_attribution"))
+    with Journal.open(tmp_path, HEADER, resume=True) as j:
+        got = run(batches, journal=j.task("head_attribution"))
+        assert (j.reused, j.written) == (4, 2)  # two batches of each loop read back, one computed
+    for key in ("drops", "clean", "targets", "single", "weights"):
+        assert torch.equal(getattr(got, key), getattr(want, key)), key
+    assert got.n_forwards == want.n_forwards
+    with Journal.open(tmp_path, HEADER, resume=True) as j, pytest.raises(ResumeRefused, match="other inputs"):
+        head_attribution(model, batches, reference=batches, n_masks=8, seed=1, masks_per_forward=8, n_bootstrap=10,
+                         attention=False, progress=False, journal=j.task("head_attribution"))
