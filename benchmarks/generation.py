@@ -139,21 +139,24 @@ def contenders(spec, hf, model, batch_size: int, new: int, nocache_max: int, dty
 @contextlib.contextmanager
 def before_issue_14():
     """The code paths `mechvlm report` took before issue 14: greedy generation without a KV
-    cache, batches in item order, post-softmax knockouts through the explicit pattern."""
+    cache (each condition on its own: no shared prefix either), batches in item order,
+    post-softmax knockouts through the explicit pattern."""
     import importlib
 
     from mechvlm.components.attention import Attention
 
     ev = importlib.import_module("mechvlm.mmbench.evaluate")  # the package re-exports a function of that name
+    ps = importlib.import_module("mechvlm.prefix_sharing")
 
-    saved = ev.greedy_generate, ev.length_order, Attention.post_softmax_cuts
-    ev.greedy_generate = functools.partial(saved[0], use_past_kv_cache=False)
+    saved = ps.greedy_generate, ev.generate_conditions, ev.length_order, Attention.post_softmax_cuts
+    ps.greedy_generate = functools.partial(saved[0], use_past_kv_cache=False)
+    ev.generate_conditions = functools.partial(saved[1], share_prefix=False)
     ev.length_order = lambda builder, items: list(range(len(items)))
     Attention.post_softmax_cuts = lambda self: None
     try:
         yield
     finally:
-        ev.greedy_generate, ev.length_order, Attention.post_softmax_cuts = saved
+        ps.greedy_generate, ev.generate_conditions, ev.length_order, Attention.post_softmax_cuts = saved
 
 
 def report_contenders(args, tmp: str) -> dict:

@@ -8,6 +8,8 @@ A forward over a KV cache (``offset`` cached positions) has ``seq_len`` new quer
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -81,3 +83,19 @@ class AttentionMask:
         if self.sees_every_key(window):
             return None, False
         return self.dense(window), False
+
+    def to(self, device, non_blocking: bool = False) -> "AttentionMask":
+        """This mask on ``device`` (for a block placed there, `mechvlm.placement`): its
+        tensors moved once per device, its dense masks rebuilt there when asked."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved_by_device = self.__dict__.setdefault("_moved", {})
+        if device not in moved_by_device:
+            moved = copy.copy(self)
+            for name, value in vars(self).items():
+                if isinstance(value, Tensor):
+                    setattr(moved, name, value.to(device, non_blocking=non_blocking))
+            moved.device, moved._dense, moved._moved = device, {}, {}
+            moved_by_device[device] = moved
+        return moved_by_device[device]

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from mechvlm.distributed import fingerprint_of, map_units
 from mechvlm.mmbench.conditions import CONDITIONS, Condition, resolve_conditions
 from mechvlm.mmbench.extract import DEFAULT_RULES, can_infer, classify_output
 from mechvlm.mmbench.prompt import mmbench_prompt
@@ -62,11 +63,13 @@ def length_order(builder: InputBuilder, items: Sequence[MMBenchItem]) -> list[in
 
 def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem], condition: Condition, *,
                        batch_size: int = 8, max_new_tokens: int = 4, progress: bool = True,
-                       rules: str = DEFAULT_RULES, pad_token_id: int | None = None) -> dict:
-    """One condition over ``items``: the scored summary (see `evaluate`)."""
-    return evaluate(model, builder, items, {condition.name: condition}, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, progress=progress, rules=rules,
-                    pad_token_id=pad_token_id)[condition.name]
+                       rules: str = DEFAULT_RULES, pad_token_id: int | None = None, journal=None) -> dict:
+    """One condition over ``items``: the scored summary (see `evaluate`). ``journal``: a
+    `mechvlm.journal.JournalTask` with ``per_row=True`` (one line per item)."""
+    return _evaluate(model, builder, list(items), {condition.name: condition},
+                     {condition.name: journal} if journal is not None else None, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, progress=progress, rules=rules,
+                     pad_token_id=pad_token_id, share_prefix=False)[condition.name]
 
 
 def _record(builder, it: MMBenchItem, gen, row: int, rules: str) -> dict:
@@ -81,18 +84,83 @@ def _record(builder, it: MMBenchItem, gen, row: int, rules: str) -> dict:
     }
 
 
+class ConditionJournals:
+    """The journal of a batch run under several conditions at once (`map_units`' ``journal``):
+    each condition keeps its own task (one line per item), so a resumed run reads back what
+    any earlier run recorded, shared or not; a batch counts as done when every condition
+    has it."""
+
+    def __init__(self, tasks: Mapping):
+        self.tasks = dict(tasks)
+
+    def get(self, unit: int, fingerprint: str):
+        got = {name: task.get(unit, fingerprint) for name, task in self.tasks.items()}
+        return None if any(v is None for v in got.values()) else got
+
+    def put(self, unit: int, fingerprint: str, result: Mapping) -> None:
+        for name, task in self.tasks.items():
+            if task.get(unit, fingerprint) is None:
+                task.put(unit, fingerprint, result[name])
+
+
+def _evaluate(model, builder, items: list, conds: Mapping[str, Condition], tasks: Mapping | None, *,
+              batch_size: int, max_new_tokens: int, progress: bool, rules: str, pad_token_id: int | None,
+              share_prefix: bool) -> dict[str, dict]:
+    order = length_order(builder, items)
+    groups = [order[s:s + batch_size] for s in range(0, len(items), batch_size)]
+    shared_batches = {name: 0 for name in conds}
+    reasons: dict[str, set] = {name: set() for name in conds}
+
+    def run_batch(where: list[int]) -> dict[str, list[dict]]:
+        chunk = [items[i] for i in where]
+        batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
+        gens, plan = generate_conditions(model, batch, conds, max_new_tokens, builder.eos_token_ids,
+                                         pad_token_id=pad_token_id, share_prefix=share_prefix)
+        for name in conds:
+            shared_batches[name] += name in plan.shared
+            if name in plan.fallback:
+                reasons[name].add(plan.fallback[name])
+        return {name: [_record(builder, it, gen, row, rules) for row, it in enumerate(chunk)]
+                for name, gen in gens.items()}
+
+    def fingerprint(where: list[int]) -> str:
+        return fingerprint_of([[items[i].index, mmbench_prompt(items[i])] for i in where])
+
+    label = next(iter(conds)) if len(conds) == 1 else f"{len(conds)} conditions"
+    parts = map_units(run_batch, groups, fingerprint=fingerprint,
+                      journal=ConditionJournals(tasks) if tasks else None, progress=progress,
+                      desc=f"MMBench [{label}]")
+    out = {}
+    for name, cond in conds.items():
+        records: list[dict | None] = [None] * len(items)
+        for where, part in zip(groups, parts, strict=True):
+            for i, record in zip(where, part[name], strict=True):
+                records[i] = record
+        summary = {"condition": cond.describe()}
+        summary.update(score_records(records))
+        summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
+                               "extraction": "VLMEvalKit can_infer (exact matching)",
+                               "batching": "by prompt length, KV cache",
+                               "shared_prefix": {"batches": shared_batches[name], "of": len(groups),
+                                                 "not_shared_because": sorted(reasons[name])}}
+        summary["items"] = records
+        out[name] = summary
+    return out
+
+
 def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
              conditions: None | str | Iterable | Mapping = None, *, batch_size: int = 8,
              max_new_tokens: int = 4, progress: bool = True, rules: str = DEFAULT_RULES,
-             pad_token_id: int | None = None, share_prefix: bool = True) -> dict[str, dict]:
+             pad_token_id: int | None = None, journal=None, share_prefix: bool = True) -> dict[str, dict]:
     """Evaluate ``items`` under every condition.
 
     The conditions run batch by batch: per batch, the prompt prefix that none of them can
     change (everything before the first text token that a text-query knockout reaches: the
-    system prefix, the images, the EOI) is prefilled once and its KV cache forked for each
-    condition (`mechvlm.prefix_sharing.generate_conditions`); conditions that cannot say
-    what they touch (custom hooks, token removal) run on their own. The results are those of
-    running each condition by itself (same tokens).
+    system prefix, the images, the EOI) is prefilled once and the conditions continue from
+    it (`mechvlm.prefix_sharing.generate_conditions`: the knockouts side by side along the
+    batch, other declared conditions from forks of the KV cache); conditions that cannot say
+    what they touch (custom hooks, token removal) run on their own. The results are those
+    of running each condition by itself (same tokens).
 
     Args:
         model: a `HookedVLM`.
@@ -105,7 +173,14 @@ def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
         progress: a tqdm bar over the batches.
         rules: the VLMEvalKit rule set of `can_infer`.
         pad_token_id: what finished rows continue with (default: the first EOS id).
+        journal: a `mechvlm.journal.Journal`: each condition's items are appended to it as
+            they are scored (task ``"knockout/<condition>"``, one line per item, fsynced per
+            batch) and the batches it already holds are read back instead of recomputed.
         share_prefix: False runs every condition on its own (the reference path).
+
+    Under an initialised process group (``torchrun``), the batches are shared out over the
+    ranks and every rank returns the whole result (`mechvlm.distributed`), equal to a
+    one-process run's.
 
     Returns:
         ``{condition name: summary}``; a summary holds ``condition`` (its description),
@@ -123,36 +198,7 @@ def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
     items = list(items)
     if not items:
         raise ValueError("no MMBench items to evaluate")
-    from tqdm.auto import tqdm
-
     conds = resolve_conditions(conditions)
-    records: dict[str, list] = {name: [None] * len(items) for name in conds}
-    shared_batches = {name: 0 for name in conds}
-    reasons: dict[str, set] = {name: set() for name in conds}
-    order = length_order(builder, items)
-    starts = range(0, len(items), batch_size)
-    label = next(iter(conds)) if len(conds) == 1 else f"{len(conds)} conditions"
-    for start in tqdm(starts, desc=f"MMBench [{label}]", unit="batch", disable=not progress):
-        where = order[start:start + batch_size]
-        chunk = [items[i] for i in where]
-        batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
-        gens, plan = generate_conditions(model, batch, conds, max_new_tokens, builder.eos_token_ids,
-                                         pad_token_id=pad_token_id, share_prefix=share_prefix)
-        for name, gen in gens.items():
-            shared_batches[name] += name in plan.shared
-            if name in plan.fallback:
-                reasons[name].add(plan.fallback[name])
-            for row, (i, it) in enumerate(zip(where, chunk)):
-                records[name][i] = _record(builder, it, gen, row, rules)
-    out = {}
-    for name, cond in conds.items():
-        summary = {"condition": cond.describe()}
-        summary.update(score_records(records[name]))
-        summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
-                               "extraction": "VLMEvalKit can_infer (exact matching)",
-                               "batching": "by prompt length, KV cache",
-                               "shared_prefix": {"batches": shared_batches[name], "of": len(starts),
-                                                 "not_shared_because": sorted(reasons[name])}}
-        summary["items"] = records[name]
-        out[name] = summary
-    return out
+    tasks = {name: journal.task(f"knockout/{name}", per_row=True) for name in conds} if journal else None
+    return _evaluate(model, builder, items, conds, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     progress=progress, rules=rules, pad_token_id=pad_token_id, share_prefix=share_prefix)
