@@ -249,10 +249,12 @@ def test_evaluate_on_shipped_toys_equals_the_condition_by_condition_path(family)
              "user": last_text_resid}
     kw = dict(batch_size=4, max_new_tokens=3, progress=False)
     ref = {name: evaluate(model, builder, items, {name: c}, **kw)[name] for name, c in conds.items()}
-    got = evaluate(model, builder, items, conds, **kw)
+    counter = ImageEmbedCount()
+    with model.hooks(fwd_hooks=[("hook_image_embeds", counter)]):
+        got = evaluate(model, builder, items, conds, **kw)
+    assert counter.n == 3 * 2  # 3 batches: one shared prefill + the user hook's own run each
     for name in conds:
-        share = got[name]["settings"].pop("shared_prefix")
-        ref[name]["settings"].pop("shared_prefix")
+        assert got[name]["settings"].pop("shared_prefix") is True
+        assert ref[name]["settings"].pop("shared_prefix") is False
         assert got[name] == ref[name], name
-        assert share["of"] == 3 and share["batches"] == (0 if name == "user" else 3), (name, share)
     assert got["none"]["accuracy"] > got["text→image:pre_softmax_mask"]["accuracy"]  # the knockout acts

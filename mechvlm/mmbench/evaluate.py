@@ -108,18 +108,11 @@ def _evaluate(model, builder, items: list, conds: Mapping[str, Condition], tasks
               share_prefix: bool) -> dict[str, dict]:
     order = length_order(builder, items)
     groups = [order[s:s + batch_size] for s in range(0, len(items), batch_size)]
-    shared_batches = {name: 0 for name in conds}
-    reasons: dict[str, set] = {name: set() for name in conds}
-
     def run_batch(where: list[int]) -> dict[str, list[dict]]:
         chunk = [items[i] for i in where]
         batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
-        gens, plan = generate_conditions(model, batch, conds, max_new_tokens, builder.eos_token_ids,
-                                         pad_token_id=pad_token_id, share_prefix=share_prefix)
-        for name in conds:
-            shared_batches[name] += name in plan.shared
-            if name in plan.fallback:
-                reasons[name].add(plan.fallback[name])
+        gens, _ = generate_conditions(model, batch, conds, max_new_tokens, builder.eos_token_ids,
+                                      pad_token_id=pad_token_id, share_prefix=share_prefix)
         return {name: [_record(builder, it, gen, row, rules) for row, it in enumerate(chunk)]
                 for name, gen in gens.items()}
 
@@ -141,8 +134,7 @@ def _evaluate(model, builder, items: list, conds: Mapping[str, Condition], tasks
         summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
                                "extraction": "VLMEvalKit can_infer (exact matching)",
                                "batching": "by prompt length, KV cache",
-                               "shared_prefix": {"batches": shared_batches[name], "of": len(groups),
-                                                 "not_shared_because": sorted(reasons[name])}}
+                               "shared_prefix": share_prefix and len(conds) > 1}
         summary["items"] = records
         out[name] = summary
     return out
