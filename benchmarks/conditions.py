@@ -139,8 +139,8 @@ def markdown(result: dict) -> str:
              f"end: **a short run on a machine shared with other jobs** (trust the paired ratios, not the "
              f"absolute times); {m['date']}, mechvlm {m.get('mechvlm_git')}."
              + (" **--quick: tiny model, not a result.**" if st["quick"] else ""), "",
-             "five_shared = the five conditions of Table 1 with the prefix prefilled once and the KV cache "
-             "forked per condition; five_apart = the five, each on its own; one = one knockout condition; "
+             "five_shared = the five conditions of Table 1 with the prefix prefilled once and the five "
+             "continued side by side along the batch from it (the KV cache rows repeated); five_apart = the five, each on its own; one = one knockout condition; "
              "hf_five = five HF `generate` runs (no knockout + four SDPA-mask knockouts). Times are whole "
              "calls (prefill + all new tokens of all conditions).", "",
              "| batch | new tokens | contender | ms median (min-max) | ratio | wall, paired | CPU time, paired |",
