@@ -115,9 +115,9 @@ def greedy_generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: I
     def grab_last(module, args, output):
         last_hidden.append(output[:, -1])
 
-    if fixed.get("pixel_values") is not None and "image_embeds" not in fixed:
-        # the images do not change between steps: encode them once
-        fixed["image_embeds"] = model.encode_images(fixed["pixel_values"], fixed.get("image_grid_thw"))
+    if "image_embeds" not in fixed and "video_embeds" not in fixed:
+        # the images and videos do not change between steps: encode them once
+        fixed.update(model.visual_embeds(**dict(fixed, input_ids=ids, attention_mask=mask, **per_token)))
     handle = model.ln_final.register_forward_hook(grab_last)
     try:
         for _ in range(max_new_tokens):

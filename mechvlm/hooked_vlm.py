@@ -20,8 +20,10 @@ from mechvlm.config import VLMConfig
 from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
 from mechvlm.models import family_for
 from mechvlm.models.base import (
+    VISUAL_INPUTS,
     ModelFamily,
     PreparedInputs,
+    VisualInput,
     check_input_ids,
     padding_from_attention_mask,
 )
@@ -39,6 +41,8 @@ class HookedVLM(HookedRootModule):
             merger/projector, all images of the batch concatenated in feature order.
             The tower is frozen, so this tensor does not require grad; a hook that
             wants gradients with respect to it calls ``t.requires_grad_(True)``.
+        hook_video_embeds: ``[n_video_tokens, d_model]`` the same for the videos
+            (Qwen2.5-VL), scattered into the video placeholder tokens.
         hook_embed: ``[batch, pos, d_model]`` the input sequence embedding with the image
             features scattered in (the input of block 0).
         ln_final.hook_scale / hook_normalized: the final norm.
@@ -51,6 +55,7 @@ class HookedVLM(HookedRootModule):
         self.family = family
         self.embed = Embed(cfg.d_vocab, cfg.d_model, scale=family.embed_scale(cfg))
         self.hook_image_embeds = HookPoint()
+        self.hook_video_embeds = HookPoint()
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList([family.build_block(cfg, l) for l in range(cfg.n_layers)])
         self.ln_final = family.build_final_norm(cfg)
@@ -128,21 +133,26 @@ class HookedVLM(HookedRootModule):
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
                        attention_mask: Tensor | None = None,
-                       token_type_ids: Tensor | None = None) -> PreparedInputs:
-        """Validate the inputs; find image spans, positions, padding and (Gemma3) the
-        bidirectional image blocks."""
+                       token_type_ids: Tensor | None = None, **visual) -> PreparedInputs:
+        """Validate the inputs; find image (and video) spans, positions, padding and
+        (Gemma3) the bidirectional image blocks. ``visual``: the `VISUAL_INPUTS`
+        (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
+        ``image_sizes``, ``batch_num_images``) of the families that use them."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
-                                          attention_mask, self.device, token_type_ids=token_type_ids)
+                                          attention_mask, self.device, token_type_ids=token_type_ids, **visual)
 
     def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
-              attention_mask: Tensor | None = None, **_batch) -> TokenRoles:
-        """Token roles of a batch (image, eoi, image_start, prefix, text, bos, pad, last)
-        and the merged-grid cell of every image token. Takes the same keyword arguments as
-        ``forward`` (``model.roles(**batch)``); pixels are not needed."""
+              attention_mask: Tensor | None = None, **batch) -> TokenRoles:
+        """Token roles of a batch (image, video, newline, eoi, image_start, prefix, text,
+        bos, pad, last) and the cell of every image token. Takes the same keyword
+        arguments as ``forward`` (``model.roles(**batch)``); pixels are not needed (the
+        grids and ``image_sizes`` are)."""
         check_input_ids(input_ids)
         ids = input_ids.to(self.device)
         key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
-        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
+        visual = {k: batch[k] for k in VISUAL_INPUTS if k not in ("pixel_values_videos", "second_per_grid_ts")
+                  and batch.get(k) is not None}
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, **visual)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     def forward(
@@ -155,6 +165,12 @@ class HookedVLM(HookedRootModule):
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Int[Tensor, "n_videos 3"] | None = None,
+        second_per_grid_ts: Tensor | list[float] | None = None,
+        image_sizes: Int[Tensor, "n_images 2"] | None = None,
+        batch_num_images: Int[Tensor, " batch"] | None = None,
+        video_embeds: Float[Tensor, "... d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | None:
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
@@ -165,21 +181,24 @@ class HookedVLM(HookedRootModule):
         ``image_embeds``: the vision encoder's output for these ``pixel_values``
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
         ``hook_image_embeds`` still sees and may edit it.
+        Videos (Qwen2.5-VL): ``pixel_values_videos``, ``video_grid_thw`` and optionally
+        ``second_per_grid_ts`` (seconds per temporal patch, default 1), as HF's processor
+        returns them; ``video_embeds`` as ``image_embeds``. LLaVA-NeXT / OneVision:
+        ``image_sizes`` (``[n_images, 2]`` original height, width) and, for OneVision,
+        ``batch_num_images`` (rows with several images use the overview only).
         """
+        visual = dict(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                      second_per_grid_ts=second_per_grid_ts, image_sizes=image_sizes,
+                      batch_num_images=batch_num_images)
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids)
+                                     token_type_ids, **{k: v for k, v in visual.items() if v is not None})
         ids = inputs.input_ids
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
         x = self.embed(ids)
-        if inputs.spans:
-            feats = self.encode_images(pixel_values, image_grid_thw) if image_embeds is None else image_embeds
-            feats = self.hook_image_embeds(feats.to(x.dtype))
-            image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
-            if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
-                raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "
-                                 f"input has {int(image_mask.sum())} image tokens")
-            x = x.masked_scatter(image_mask, feats)
+        given = {"image": image_embeds, "video": video_embeds}
+        for vis in inputs.visual:
+            x = self._scatter(x, inputs.input_ids, vis, given[vis.modality])
         x = self.hook_embed(x)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
         rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
@@ -193,13 +212,41 @@ class HookedVLM(HookedRootModule):
             raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
         return self.unembed(x)
 
-    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> Tensor:
-        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
-        image token, in the order the image tokens appear."""
+    def _scatter(self, x: Tensor, input_ids: Tensor, vis: VisualInput, feats: Tensor | None) -> Tensor:
+        """``x`` with one modality's features (computed unless given) in its placeholders."""
+        feats = self._encode(vis.encoder_kwargs) if feats is None else feats
+        feats = getattr(self, f"hook_{vis.modality}_embeds")(feats.to(x.dtype))
+        mask = (input_ids == vis.token_id).unsqueeze(-1)
+        if feats.numel() != int(mask.sum()) * x.shape[-1]:
+            raise ValueError(f"{vis.modality} features hold {feats.numel() // x.shape[-1]} token vectors but the "
+                             f"input has {int(mask.sum())} {vis.modality} tokens")
+        return x.masked_scatter(mask, feats)
+
+    def _encode(self, encoder_kwargs: dict) -> Tensor:
         if self.vision is None:
             raise RuntimeError("this HookedVLM has no vision encoder")
-        grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
-        return self.vision(pixel_values.to(self.device), grid)
+        return self.vision(**{k: v.to(self.device) if isinstance(v, Tensor) else v
+                              for k, v in encoder_kwargs.items()})
+
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **visual) -> Tensor:
+        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
+        image token, in the order the image tokens appear. ``visual``: ``image_sizes`` /
+        ``batch_num_images`` for LLaVA-NeXT / OneVision."""
+        kwargs = {"pixel_values": pixel_values, **{k: v for k, v in visual.items() if v is not None}}
+        if image_grid_thw is not None:
+            kwargs["image_grid_thw"] = image_grid_thw
+        return self._encode(kwargs)
+
+    def visual_embeds(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                      image_grid_thw: Tensor | None = None, attention_mask: Tensor | None = None,
+                      **batch) -> dict[str, Tensor]:
+        """The vision features of a batch, ``{"image_embeds": ..., "video_embeds": ...}`` for the
+        modalities present: pass them back to ``forward`` (with the same batch) to skip the
+        vision tower, e.g. at every generation step."""
+        visual = {k: batch[k] for k in VISUAL_INPUTS if batch.get(k) is not None}
+        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                     batch.get("token_type_ids"), **visual)
+        return {f"{vis.modality}_embeds": self._encode(vis.encoder_kwargs) for vis in inputs.visual}
 
     # ------------------------------------------------------------------ hooks / cache --
     def set_use_attn_result(self, use: bool) -> None:

@@ -20,4 +20,4 @@ def test_hooks_on_local_directory(tmp_path, capsys):
     assert main(["hooks", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.attn.hook_pattern               (1, 4, 8, 8)" in out
-    assert "46 hook points in all" in out
+    assert "47 hook points in all" in out  # 46 + hook_video_embeds

@@ -52,7 +52,7 @@ def insert_registers(
     if n < 0:
         raise ValueError("n must be >= 0")
     real = roles.real.cpu()
-    eoi = roles.eoi.cpu()
+    eoi = roles.mask("eoi").cpu()  # raises MissingRoleError for a model without EOI (LLaVA)
     rows, regs = [], []
     for b in range(input_ids.shape[0]):
         ids_row, reg_row = [], []

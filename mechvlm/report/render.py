@@ -89,7 +89,9 @@ def write_outputs(results: dict, share, received, out: Path, examples: list[str]
     page.add_html(_pre(outputs_table({label: results["knockout"]})))
     page.add(fig_knockout({label: results["knockout"]}), alt="knockout accuracy")
     page.add_text(MODE_NOTE)
-    page.add_heading("Fig. 1: attention share of the text, image vs EOI, per layer")
+    for name, why in results.get("skipped", {}).items():
+        page.add_text(f"Not run: {name} ({why}).")
+    page.add_heading(f"Fig. 1: attention share of the text, {' vs '.join(share.keys)}, per layer")
     page.add(fig_attention_share(share), alt="attention share per layer")
     page.add_html(_table(["layer", *share.keys], _per_layer(share.layers, share.mean_head_share, ".3f"),
                          "head-summed share, mean over examples"))
@@ -112,6 +114,8 @@ def print_summary(results: dict, out: Path) -> None:
     print(table1({label: results["knockout"]}))
     print()
     print(outputs_table({label: results["knockout"]}))
+    for name, why in results.get("skipped", {}).items():
+        print(f"not run: {name} ({why})")
     share = results["attention_share"]
     m = torch.as_tensor(share["mean_head_share"])
     print("\nattention share of the text (" + " / ".join(share["keys"]) + "), head-summed, per layer:")

@@ -26,6 +26,7 @@ from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import load_mmbench
 from ..processing import InputBuilder
+from ..roles import missing_roles
 from .examples import example_heatmaps
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import SHIPPED
@@ -73,6 +74,29 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
         yield builder([mmbench_prompt(it) for it in chunk], [[it.pil_image()] for it in chunk])
 
 
+def share_keys(model) -> tuple[str, ...]:
+    """Fig. 1's key roles: image vs EOI, or image vs text for a model without EOI (LLaVA)."""
+    return ("image", "eoi") if "eoi" not in missing_roles(model.cfg) else ("image", "text")
+
+
+def runnable_conditions(model, names) -> tuple[list[str], dict[str, str]]:
+    """The conditions the model can run, and ``{name: why not}`` for the others (a
+    text->EOI knockout on a model without EOI); they are reported, not silently dropped."""
+    from ..mmbench.conditions import condition_by_name
+
+    missing = missing_roles(model.cfg)
+    keep, skipped = [], {}
+    for name in names:
+        key = condition_by_name(name).key
+        if isinstance(key, str) and key in missing:
+            skipped[name] = missing[key]
+        else:
+            keep.append(name)
+    if not keep:
+        raise ValueError(f"none of the conditions {list(names)} can run on this model: {skipped}")
+    return keep, skipped
+
+
 def run_report(cfg: ReportConfig) -> dict:
     """Compute everything, write ``cfg.out`` (report.html, results.json, CSVs); returns the
     results dict (the JSON's content)."""
@@ -89,9 +113,10 @@ def run_report(cfg: ReportConfig) -> dict:
     if not items:
         raise ValueError(f"no items to evaluate in {cfg.tsv()}")
     batches = list(metric_batches(builder, items, cfg.batch_size))
-    share = attention_share(model, batches, progress=cfg.progress)
+    conditions, skipped = runnable_conditions(model, cfg.conditions)
+    share = attention_share(model, batches, keys=share_keys(model), progress=cfg.progress)
     received = received_attention(model, batches, keep_received=False, progress=cfg.progress)
-    knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
+    knockout = evaluate(model, builder, items, conditions=conditions,
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         progress=cfg.progress)
     results = {
@@ -99,7 +124,7 @@ def run_report(cfg: ReportConfig) -> dict:
         "mmbench": str(cfg.tsv()), "n_items": len(items),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "attention_share": share.to_dict(), "received_attention": received.to_dict(),
-        "knockout": knockout, "wall_s": None,
+        "knockout": knockout, "skipped": skipped, "wall_s": None,
     }
     examples = example_heatmaps(model, builder, items)
     ctx = ReportContext(model=model, builder=builder, items=items, batches=batches, out=Path(cfg.out),
