@@ -60,6 +60,11 @@ def test_parity_with_hf_eager(models, case):
     batch = llava_batch(hf, rows, sizes, seed=1, per_row_images=per_row)
     assert batch["input_ids"].shape[1] > 30 and "attention_mask" in batch
     assert_parity(case, hf, model, batch, hf_kwargs(batch))
+    if "cls" in case:  # the kept CLS token of each image has no cell; the 4x4 grid follows it
+        roles = model.roles(**batch)
+        starts = [s.start for s in roles.spans]
+        assert len(starts) == 3 and (roles.grid_row[0, starts[0]] == -1) and roles.grid_row[0, starts[0] + 1] == 0
+        assert [s.n_tokens for s in roles.spans] == [17] * 3
     if "sliding" in case:  # the window bites: the last query of layer 0 no longer sees the first tokens
         assert model.cfg.window(0) == 24 and model.cfg.window(1) is None and model.unembed.weight is model.embed.W_E
         _, cache = model.run_with_cache(**batch, names_filter=lambda n: n.endswith("hook_pattern"))
