@@ -163,7 +163,7 @@ class InputBuilder:
                                    else images, return_tensors="pt")
         tensors = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
         if self.model_type == "llava_onevision":
-            tensors["batch_num_images"] = torch.tensor([n for n in per_prompt if n])
+            tensors["batch_num_images"] = torch.tensor(per_prompt)  # one entry per row, as HF's processor
         patched = self.family.patched(cfg, len(images), **{k: v for k, v in tensors.items() if k != "pixel_values"})
         counts = [anyres_layout(cfg, size, patched=p, max_patches=cfg.extra.get("max_patches")).n_tokens
                   for size, p in zip(out["image_sizes"].tolist(), patched)]

@@ -210,6 +210,10 @@ def test_input_errors(models):
     two = llava_batch(hf_ov, [[1, "image", "image", 2]], [(20, 40), (40, 20)], seed=6, per_row_images=True)
     with pytest.raises(ValueError, match="batch_num_images is given"):
         ov(**{k: v for k, v in two.items() if k != "batch_num_images"})
+    rows = llava_batch(hf_ov, [[1, "image", "image", 2], [5]], [(20, 40), (40, 20)], seed=6, per_row_images=True)
+    assert rows["batch_num_images"].tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"batch_num_images \[0, 2\] disagrees with the images per row .* \[2, 0\]"):
+        ov(**{**rows, "batch_num_images": torch.tensor([0, 2])})
     with pytest.raises(NotImplementedError, match="does not support video"):
         ov(**two, pixel_values_videos=torch.zeros(1, 2, 3, 28, 28))
 

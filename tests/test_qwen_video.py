@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_with_attention_edit, make_hf_qwen
-from mechvlm import HookedVLM, attention_share, received_attention
+from conftest import hf_with_attention_edit
+from mechvlm import attention_share, received_attention
 from mechvlm.interventions import knockout
 from mechvlm.synthetic import QWEN_IDS, left_pad, qwen_pixel_values, qwen_video_prompt
 from parity_helpers import FP32_TOL, assert_parity, real_tokens
@@ -47,16 +47,6 @@ def hf_kw(batch: dict) -> dict:
     return {**batch, "mm_token_type_ids": (ids == IMG).long() + 2 * (ids == VID).long()}
 
 
-@pytest.fixture(scope="module")
-def hf():
-    return make_hf_qwen(seed=5, n_layers=2)
-
-
-@pytest.fixture(scope="module")
-def model(hf):
-    return HookedVLM.from_hf(hf)
-
-
 CASES = {
     "video_alone": ([[3, ("video", 3, 4, 4), 5]], None),
     "video_and_image": ([[2, (1, 4, 6), 2, ("video", 2, 4, 4), 3]], torch.tensor([0.5])),
@@ -67,22 +57,22 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_video_parity_with_hf_eager(hf, model, case):
+def test_video_parity_with_hf_eager(qwen_hf, qwen_model, case):
     rows, seconds = CASES[case]
     batch = video_batch(rows, seed=1, seconds=seconds)
-    assert_parity(f"qwen video {case}", hf, model, batch, hf_kw(batch))
+    assert_parity(f"qwen video {case}", qwen_hf, qwen_model, batch, hf_kw(batch))
 
 
 @pytest.mark.parametrize("seconds", [None, [0.5, 1.3], torch.tensor([2.0, 0.04])])
-def test_video_positions_match_hf_get_rope_index(hf, model, seconds):
+def test_video_positions_match_hf_get_rope_index(qwen_hf, qwen_model, seconds):
     batch = video_batch([[1, ("video", 3, 4, 4), 2, (1, 4, 6), 1], [2, ("video", 2, 4, 6), 3]], seed=2,
                         seconds=seconds)
     kw = hf_kw(batch)
-    ref, _ = hf.model.get_rope_index(batch["input_ids"], kw["mm_token_type_ids"], batch["image_grid_thw"],
+    ref, _ = qwen_hf.model.get_rope_index(batch["input_ids"], kw["mm_token_type_ids"], batch["image_grid_thw"],
                                      batch["video_grid_thw"], second_per_grid_ts=seconds,
                                      attention_mask=batch["attention_mask"])
     visual = {k: batch[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in batch}
-    ours = model.prepare_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+    ours = qwen_model.prepare_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
                                 batch["attention_mask"], **visual).position_ids
     assert torch.equal(ours, ref)
     # the temporal rows really are spaced: T of the first video's frames (row 0, after 1 text + start)
@@ -91,10 +81,10 @@ def test_video_positions_match_hf_get_rope_index(hf, model, seconds):
     assert t_rows[::4] == [2, 2 + step, 2 + int(2 * 4 * (1 if seconds is None else float(seconds[0])))]
 
 
-def test_video_roles_by_hand(model):
+def test_video_roles_by_hand(qwen_model):
     # t VS V*8 VE t VS I*6 VE t   (video 2 frames of 2x2, image 2x3)
     batch = video_batch([[1, ("video", 2, 4, 4), 1, (1, 4, 6), 1]], seed=3)
-    roles = model.roles(**batch)
+    roles = qwen_model.roles(**batch)
     vid = list(range(2, 10))
     img = list(range(13, 19))
     assert roles.video[0].nonzero().squeeze(1).tolist() == vid
@@ -109,19 +99,19 @@ def test_video_roles_by_hand(model):
     assert torch.equal(roles.mask("video"), roles.video)
 
 
-def test_video_input_errors(model):
+def test_video_input_errors(qwen_model):
     batch = video_batch([[1, ("video", 2, 4, 4), 1]], seed=4)
     with pytest.raises(ValueError, match="video tokens .* video_grid_thw is None"):
-        model(batch["input_ids"])
+        qwen_model(batch["input_ids"])
     with pytest.raises(ValueError, match="pixel_values_videos has 31 patch rows but video_grid_thw describes 32"):
-        model(**{**batch, "pixel_values_videos": batch["pixel_values_videos"][:-1]})
+        qwen_model(**{**batch, "pixel_values_videos": batch["pixel_values_videos"][:-1]})
     with pytest.raises(ValueError, match="second_per_grid_ts has 2 entries for 1 video"):
-        model(**batch, second_per_grid_ts=[1.0, 2.0])
+        qwen_model(**batch, second_per_grid_ts=[1.0, 2.0])
     with pytest.raises(ValueError, match="video_grid_thw given without pixel_values_videos"):
-        model(batch["input_ids"], video_grid_thw=batch["video_grid_thw"])
+        qwen_model(batch["input_ids"], video_grid_thw=batch["video_grid_thw"])
 
 
-def test_video_knockout_both_modes_match_hf(hf, model):
+def test_video_knockout_both_modes_match_hf(qwen_hf, qwen_model):
     """text -> video cut in every layer: mechvlm's hooks against HF's eager attention edited
     by hand (post-softmax zero; pre-softmax finfo.min on the scores)."""
     batch = video_batch([[2, ("video", 2, 4, 4), 4], [1, ("video", 3, 4, 4), 2]], seed=6, seconds=[0.5, 1.0])
@@ -129,36 +119,36 @@ def test_video_knockout_both_modes_match_hf(hf, model):
     text = real & (torch.cumsum((ids == QWEN_IDS["vision_start"]).long(), -1) > 0) & (ids != VID) & (
         ids != QWEN_IDS["vision_start"]) & (ids != QWEN_IDS["vision_end"])
     cut = (text[:, :, None] & (ids == VID)[:, None, :])[:, None]
-    roles = model.roles(**batch)
+    roles = qwen_model.roles(**batch)
     assert torch.equal(roles.text, text)
     with torch.no_grad():
-        clean = model(**batch)
+        clean = qwen_model(**batch)
         for mode, edit in (("post_softmax_zero", dict(pattern_fn=lambda w: w.masked_fill(cut, 0.0))),
                            ("pre_softmax_mask", dict(scores_fn=lambda w: w.masked_fill(cut, torch.finfo(w.dtype).min)))):
-            ref = hf_with_attention_edit(hf, None, **edit)(**hf_kw(batch)).logits
-            ours = model.run_with_hooks(**batch, fwd_hooks=knockout(roles, "text", "video", mode=mode))
+            ref = hf_with_attention_edit(qwen_hf, None, **edit)(**hf_kw(batch)).logits
+            ours = qwen_model.run_with_hooks(**batch, fwd_hooks=knockout(roles, "text", "video", mode=mode))
             diff = (ours - ref)[real].abs().max().item()
             print(f"\n[qwen video knockout {mode} vs HF] max abs diff {diff:.1e}")
             assert diff <= FP32_TOL and (ours - clean)[real].abs().max() > 1e-2
 
 
-def test_video_share_and_received_attention_match_hf(hf, model):
+def test_video_share_and_received_attention_match_hf(qwen_hf, qwen_model):
     batch = video_batch([[2, (1, 4, 4), 2, ("video", 2, 4, 4), 3]], seed=7)
     with torch.no_grad():
-        attn = hf(**hf_kw(batch), output_attentions=True).attentions
-    roles = model.roles(**batch)
+        attn = qwen_hf(**hf_kw(batch), output_attentions=True).attentions
+    roles = qwen_model.roles(**batch)
     ids = batch["input_ids"]
     keys = {"video": ids == VID, "image": (ids == IMG) | (ids == VID), "eoi": ids == QWEN_IDS["vision_end"]}
     q = roles.text[0]
     ref = torch.stack([torch.stack([a[0][:, q][:, :, k[0]].sum((1, 2)) for k in keys.values()], -1) for a in attn])
-    res = attention_share(model, batch, keys=tuple(keys), progress=False)
+    res = attention_share(qwen_model, batch, keys=tuple(keys), progress=False)
     assert (res.raw[0] - ref).abs().max() <= FP32_TOL and ref[..., 0].min() > 0.05
-    rec = received_attention(model, batch, key="video", progress=False)
+    rec = received_attention(qwen_model, batch, key="video", progress=False)
     want = torch.stack([a[0][:, q][:, :, keys["video"][0]].sum(1) for a in attn])  # [layer, head, n_video]
     assert (rec.received[0] - want).abs().max() <= FP32_TOL
 
 
-def test_per_frame_heatmaps(model):
+def test_per_frame_heatmaps(qwen_model):
     pytest.importorskip("matplotlib")
     import matplotlib
 
@@ -169,7 +159,7 @@ def test_per_frame_heatmaps(model):
     from mechvlm import viz
 
     batch = video_batch([[2, ("video", 3, 4, 6), 3]], seed=8)  # 3 frames of 2x3
-    roles = model.roles(**batch)
+    roles = qwen_model.roles(**batch)
     frame, cell = 1, (1, 2)
     hit = roles.video[0] & (roles.grid_t[0] == frame) & (roles.grid_row[0] == cell[0]) & (roles.grid_col[0] == cell[1])
     values = torch.zeros(roles.shape[1])
@@ -178,7 +168,7 @@ def test_per_frame_heatmaps(model):
     assert [(p.span.modality, p.frame, p.grid.shape) for p in panels] == [("video", f, (2, 3)) for f in range(3)]
     assert panels[frame].grid[cell] == 1.0 and sum(p.grid.sum() for p in panels) == 1.0
     assert [p.grid.sum() for p in viz.image_panels(values, roles, frames="mean")] == pytest.approx([1 / 3])
-    fig = viz.attention_on_image(values, roles, cfg=model.cfg)
+    fig = viz.attention_on_image(values, roles, cfg=qwen_model.cfg)
     drawn = [ax for ax in fig.axes if len(ax.images) == 2]
     assert [ax.get_title() for ax in drawn] == [f"video 0 frame {f}: 2\u00d73 tokens" for f in range(3)]
     assert np.asarray(drawn[frame].images[1].get_array())[cell] == 1.0
@@ -186,26 +176,26 @@ def test_per_frame_heatmaps(model):
     plt.close("all")
 
 
-def test_greedy_generation_with_video_matches_hf(hf, model):
+def test_greedy_generation_with_video_matches_hf(qwen_hf, qwen_model):
     from mechvlm.generation import greedy_generate
 
     batch = video_batch([[2, ("video", 2, 4, 4), 3]], seed=9, seconds=[0.5])
-    gen = greedy_generate(model, batch, max_new_tokens=4, eos_token_ids=[QWEN_IDS["eos"]])
+    gen = greedy_generate(qwen_model, batch, max_new_tokens=4, eos_token_ids=[QWEN_IDS["eos"]])
     ids = batch["input_ids"]
     with torch.no_grad():  # HF, one full forward per step (no cache), 3-D positions from mm_token_type_ids
         for _ in range(4):
-            nxt = hf(**hf_kw({**batch, "input_ids": ids}), use_cache=False).logits[:, -1].argmax(-1)
+            nxt = qwen_hf(**hf_kw({**batch, "input_ids": ids}), use_cache=False).logits[:, -1].argmax(-1)
             ids = torch.cat([ids, nxt[:, None]], 1)
     assert gen.sequences.tolist() == ids.tolist()
 
 
 @pytest.mark.slow
-def test_crosscheck_on_a_video_batch(hf):
+def test_crosscheck_on_a_video_batch(qwen_hf):
     pytest.importorskip("nnsight")
     from mechvlm.crosscheck import crosscheck
 
     batch = video_batch([[2, ("video", 2, 4, 4), 3, (1, 4, 4), 2], [1, ("video", 3, 4, 4), 4]], seed=10,
                         seconds=[0.5, 1.0])
-    report = crosscheck(hf, batch)
+    report = crosscheck(qwen_hf, batch)
     assert report.passed, report.table()
     assert report.effects["knockout post_softmax_zero text->image"] > 1e-2  # cuts the video tokens too

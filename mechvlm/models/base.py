@@ -101,8 +101,10 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
-        """A module ``(pixel_values, image_grid_thw) -> [n_image_tokens, d_model]``
-        around the HF vision tower (and projector / merger)."""
+        """A module ``(pixel_values, image_grid_thw=None, **kw) -> [n_tokens, d_model]``
+        around the HF vision tower (and projector / merger), called with the
+        ``encoder_kwargs`` of a `VisualInput` (LLaVA-NeXT: ``image_sizes``; Qwen videos: the
+        video pixels and ``video_grid_thw``)."""
 
     @staticmethod
     def ties_embeddings(hf_model: nn.Module) -> bool:

@@ -50,12 +50,18 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             raise NotImplementedError(f"input_ids contain video tokens (id {video}); mechvlm's {self.name} "
                                       "supports images only")
         try:
-            return super().image_spans(cfg, input_ids, image_grid_thw, key_padding, **visual)
+            spans = super().image_spans(cfg, input_ids, image_grid_thw, key_padding, **visual)
         except ValueError as e:
             if visual.get("batch_num_images") is None and "do not match" in str(e):
                 raise ValueError(f"{e}. (Rows with several images use the overview only when batch_num_images "
                                  "is given, as the processor returns it.)") from e
             raise
+        if visual.get("batch_num_images") is not None:
+            given = [int(n) for n in torch.as_tensor(visual["batch_num_images"]).reshape(-1).tolist()]
+            found = [sum(s.row == r for s in spans) for r in range(input_ids.shape[0])]
+            if given != found:
+                raise ValueError(f"batch_num_images {given} disagrees with the images per row in input_ids {found}")
+        return spans
 
 
 LLAVA_ONEVISION = register_family(LlavaOnevisionFamily())
