@@ -20,6 +20,18 @@ import sys
 
 import torch
 
+from .argtypes import positive_int
+
+
+def probe_ids(cfg, n: int) -> torch.Tensor:
+    """``[1, n]`` token ids for a text-only probe forward: ids from 3 up that are none of the
+    image / video / image-start / image-end tokens (which need pixels or are refused)."""
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.image_start_token_id, cfg.image_end_token_id}
+    ids = [i for i in range(3, cfg.d_vocab) if i not in special][:n]
+    if len(ids) < n:
+        ids = (ids * n)[:n]
+    return torch.tensor([ids])
+
 
 def _demo(args: argparse.Namespace) -> int:
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -66,7 +78,7 @@ def _hooks(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = HookedVLM.from_pretrained(args.model, dtype=dtype, device=args.device)
-    ids = torch.arange(3, 3 + args.tokens)[None] % model.cfg.d_vocab
+    ids = probe_ids(model.cfg, args.tokens)
     with torch.no_grad():
         _, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith(("hook_", "blocks.0.", "ln_final")))
     print(model.cfg)
@@ -89,6 +101,10 @@ def _crosscheck(args: argparse.Namespace) -> int:
 
     from mechvlm.crosscheck import crosscheck, perturb_layer
 
+    if args.json:
+        from .outdir import prepare_out_file
+
+        prepare_out_file(args.json, overwrite=True, arg="--json")  # writable, before any compute
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = dict(dtype=dtype, device=args.device, image=args.image, prompt=args.prompt, seed=args.seed,
               knockouts=not args.no_knockouts, share=not args.no_share)
@@ -107,8 +123,9 @@ def _crosscheck(args: argparse.Namespace) -> int:
         report.model += f" (mechvlm layer {args.perturb_layer} perturbed on purpose)"
     print(report.table())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
+        from .fileio import write_text
+
+        write_text(args.json, json.dumps(report.to_dict(), indent=1))
     return 0 if report.passed else 1
 
 
@@ -123,14 +140,17 @@ def _report(args: argparse.Namespace) -> int:
     cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=args.device,
                        dtype=args.dtype, out=args.out, batch_size=args.batch_size,
                        progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
+                       overwrite=args.overwrite,
                        **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
     run_report(cfg)
     return 0
 
 
 def _make_mmbench(args: argparse.Namespace) -> int:
+    from .outdir import prepare_out_file
     from .toy.benchmark import write_benchmark
 
+    prepare_out_file(args.out, overwrite=args.overwrite)  # before generating: exists / not writable
     path = write_benchmark(args.out, n_questions=args.questions, seed=args.seed,
                            circular=not args.no_circular)
     print(f"wrote {path}")
@@ -140,20 +160,25 @@ def _make_mmbench(args: argparse.Namespace) -> int:
 def _train_toy(args: argparse.Namespace) -> int:
     from .toy.train import main as train_main
 
-    return train_main(args.rest)
+    return train_main(args.rest, prog="mechvlm train-toy")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-toy"]:  # every argument, --help included, is the training script's
+        return _train_toy(argparse.Namespace(rest=argv[1:]))
     parser = argparse.ArgumentParser(prog="mechvlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="seed-000 analyses + knockout table -> HTML report and JSON")
     rep.add_argument("--model", default=None, help="local checkpoint directory (default: shipped toy Qwen2.5-VL)")
     rep.add_argument("--mmbench", default=None, help="MMBench-format TSV (default: shipped synthetic one)")
-    rep.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    rep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows")
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
-    rep.add_argument("--batch-size", type=int, default=16)
+    rep.add_argument("--overwrite", action="store_true",
+                     help="replace files in --out that mechvlm did not write (refused otherwise)")
+    rep.add_argument("--batch-size", type=positive_int, default=16)
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument("--analyses", default=None, metavar="NAME[,NAME...]",
                      help="optional report sections (mechvlm.report.sections.ANALYSES), e.g. logit_lens")
@@ -163,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.set_defaults(fn=_report)
     mk = sub.add_parser("make-mmbench", help="write the synthetic benchmark as an MMBench TSV")
     mk.add_argument("--out", required=True)
-    mk.add_argument("--questions", type=int, default=100, help="base questions (each with circular copies)")
+    mk.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    mk.add_argument("--questions", type=positive_int, default=100,
+                    help="base questions (each with circular copies)")
     mk.add_argument("--seed", type=int, default=2026)
     mk.add_argument("--no-circular", action="store_true", help="no rotated copies")
     mk.set_defaults(fn=_make_mmbench)
@@ -179,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument("--model", required=True, help="hub id or local HF directory")
     hooks.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     hooks.add_argument("--device", default=None)
-    hooks.add_argument("--tokens", type=int, default=8)
+    hooks.add_argument("--tokens", type=positive_int, default=8)
     hooks.add_argument("--online", action="store_true", help="allow hub downloads")
     hooks.set_defaults(fn=_hooks)
     cc = sub.add_parser("crosscheck", help="compare mechvlm with nnsight tracing the HF model (eager)")

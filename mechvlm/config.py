@@ -49,6 +49,8 @@ class VLMConfig:
         bos_token_id, eos_token_id, pad_token_id: from the HF config (may be ``None``).
         spatial_merge_size: vision patches merged per side into one LM token (Qwen: 2).
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
+        n_ctx: the HF ``max_position_embeddings`` (TransformerLens' name); a longer input
+            warns once (None: unknown).
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
@@ -86,6 +88,7 @@ class VLMConfig:
     pad_token_id: int | None = None
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
+    n_ctx: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     use_attn_result: bool = False

@@ -97,3 +97,29 @@ def unknown_hook_error(name: str, known: Iterable[str]) -> UnknownHookError:
     return UnknownHookError(
         f"unknown hook name {name!r}{hint}{extra}. model.hook_dict lists all {len(known)} hook points."
     )
+
+
+def check_hook_list(hooks: Any, arg: str = "fwd_hooks") -> list[tuple[Any, Callable]]:
+    """``hooks`` as a list of ``(hook_name_or_filter, fn)`` pairs; a `TypeError` that names
+    the expected form for anything else (one pair not in a list, a dict, a bare function)."""
+    form = f"{arg} must be a list of (hook_name, fn) pairs, e.g. [('blocks.0.hook_resid_post', fn)]"
+    if hooks is None:
+        return []
+    if isinstance(hooks, dict):
+        raise TypeError(f"{form}; got a dict (pass list(d.items()) if it maps names to functions)")
+    if isinstance(hooks, tuple) and len(hooks) == 2 and isinstance(hooks[0], str) and callable(hooks[1]):
+        raise TypeError(f"{form}; got one pair {hooks[0]!r}, fn: wrap it in a list, [(name, fn)]")
+    if isinstance(hooks, (str, bytes)) or callable(hooks) or not isinstance(hooks, Iterable):
+        raise TypeError(f"{form}; got {type(hooks).__name__}")
+    out = list(hooks)
+    for i, pair in enumerate(out):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{form}; item {i} is {type(pair).__name__} {pair!r:.60}, not a (hook_name, fn) pair")
+        name, fn = pair
+        if not (isinstance(name, str) or callable(name)):
+            raise TypeError(f"{form}; item {i}: the hook name must be a str or a name filter, "
+                            f"got {type(name).__name__}")
+        if not callable(fn):
+            raise TypeError(f"{form}; item {i} ({name!r}): the hook function must be callable, "
+                            f"got {type(fn).__name__}")
+    return out

@@ -6,7 +6,9 @@ original HF weights; the vision tower (+ merger / projector) is the HF module, f
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,17 +19,39 @@ from transformer_lens import ActivationCache, HookedRootModule
 
 from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
-from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
+from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     VISUAL_INPUTS,
     ModelFamily,
     PreparedInputs,
     VisualInput,
+    check_image_embeds,
     check_input_ids,
     padding_from_attention_mask,
 )
-from mechvlm.roles import TokenRoles, compute_roles
+from mechvlm.roles import TokenRoles, compute_roles, records_batch
+
+
+def _without_module_hooks(module: nn.Module) -> nn.Module:
+    """Drop the forward / backward hooks (torch's and accelerate's) from every submodule of
+    a private copy, so hooks a user registered on the HF model do not fire in mechvlm."""
+    try:
+        from accelerate.hooks import remove_hook_from_module
+    except ImportError:  # pragma: no cover - accelerate is optional
+        remove_hook_from_module = None
+    if remove_hook_from_module is not None and any(hasattr(m, "_hf_hook") for m in module.modules()):
+        remove_hook_from_module(module, recurse=True)
+    for m in module.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                     "_forward_pre_hooks_with_kwargs"):
+            hooks = getattr(m, attr, None)
+            if hooks:
+                hooks.clear()
+        if getattr(m, "_is_full_backward_hook", None) is not None:
+            m._is_full_backward_hook = None
+    return module
 
 
 class HookedVLM(HookedRootModule):
@@ -62,6 +86,7 @@ class HookedVLM(HookedRootModule):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.vision = vision
         self._rotary = family.rotary(cfg)
+        self._warned_n_ctx = False
         self.setup()
 
     # ------------------------------------------------------------------ construction --
@@ -71,22 +96,32 @@ class HookedVLM(HookedRootModule):
         """Build from an in-memory HF model (e.g. ``Qwen2_5_VLForConditionalGeneration``).
 
         The HF model is not modified: its weights and vision tower are copied (cast to
-        ``dtype`` / moved to ``device``, by default the HF model's own).
+        ``dtype`` / moved to ``device``, by default the HF model's own). Forward / backward
+        hooks registered on the HF modules are not carried over.
         """
         return cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **hf_kwargs) -> "HookedVLM":
+                        device: str | torch.device | None = None, strict: bool = True,
+                        **hf_kwargs) -> "HookedVLM":
         """Load a hub id (``"Qwen/Qwen2.5-VL-3B-Instruct"``) or a local directory in HF
         layout. ``dtype=None`` keeps the checkpoint's dtype. Extra keyword arguments go
-        to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...)."""
+        to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...).
+
+        Refused with an error that names the problem: a path that does not exist or is a
+        file, and a checkpoint whose tensors are not exactly the model's (missing,
+        unexpected or of another shape: `mechvlm.checkpoint_check`; ``strict=False`` makes
+        that a warning)."""
         import transformers
 
-        hf_config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+        from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
+
+        hf_config = load_hf_config(name_or_path, **hf_kwargs)  # "no such directory", not HF's repo-id advice
         family = family_for(hf_config)
         hf_class = getattr(transformers, family.hf_class_name)
-        hf_model = hf_class.from_pretrained(name_or_path, dtype=dtype or "auto", **hf_kwargs)
+        # a missing / unexpected tensor raises, naming it, instead of a random initialisation
+        hf_model = load_hf_checked(hf_class, name_or_path, strict=strict, dtype=dtype or "auto", **hf_kwargs)
         return cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
 
     @classmethod
@@ -102,7 +137,7 @@ class HookedVLM(HookedRootModule):
             weights.pop("unembed.weight")
         vision = family.vision_encoder(hf_model)
         if copy_weights:
-            vision = copy.deepcopy(vision)
+            vision = _without_module_hooks(copy.deepcopy(vision))
         # as HF's own loading: fp32 buffers (the vision rotary inv_freq) stay fp32 under a cast
         fp32_buffers = {n: b for n, b in vision.named_buffers() if b.dtype == torch.float32}
         vision = vision.to(device=device, dtype=dtype).requires_grad_(False).eval()
@@ -155,6 +190,7 @@ class HookedVLM(HookedRootModule):
         spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, **visual)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
+    @records_batch  # role-based hooks check that their TokenRoles were built for this batch
     def forward(
         self,
         input_ids: Int[Tensor, "batch pos"],
@@ -180,7 +216,9 @@ class HookedVLM(HookedRootModule):
         the image blocks mechvlm derives from ``input_ids``; a disagreement raises.
         ``image_embeds``: the vision encoder's output for these ``pixel_values``
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
-        ``hook_image_embeds`` still sees and may edit it.
+        ``hook_image_embeds`` still sees and may edit it (an edit applies to this forward
+        only: the given tensor is never modified). It must be ``[n_image_tokens, d_model]``
+        on the model's device.
         Videos (Qwen2.5-VL): ``pixel_values_videos``, ``video_grid_thw`` and optionally
         ``second_per_grid_ts`` (seconds per temporal patch, default 1), as HF's processor
         returns them; ``video_embeds`` as ``image_embeds``. LLaVA-NeXT / OneVision:
@@ -193,12 +231,21 @@ class HookedVLM(HookedRootModule):
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
                                      token_type_ids, **{k: v for k, v in visual.items() if v is not None})
         ids = inputs.input_ids
+        n_ctx = self.cfg.n_ctx
+        if n_ctx is not None and ids.shape[1] > n_ctx and not self._warned_n_ctx:
+            self._warned_n_ctx = True
+            warnings.warn(f"the input has {ids.shape[1]} positions, more than the model's "
+                          f"max_position_embeddings = {n_ctx}: results past that length are "
+                          "extrapolated (warned once per model)", stacklevel=3)
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
         x = self.embed(ids)
         given = {"image": image_embeds, "video": video_embeds}
         for vis in inputs.visual:
-            x = self._scatter(x, inputs.input_ids, vis, given[vis.modality])
+            x = self._scatter(x, inputs.input_ids, vis, given.pop(vis.modality))
+        for modality, embeds in given.items():
+            if embeds is not None:  # raises: nothing to fill
+                check_image_embeds(embeds, 0, self.cfg.d_model, x.device, what=modality)
         x = self.hook_embed(x)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
         rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
@@ -212,10 +259,17 @@ class HookedVLM(HookedRootModule):
             raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
         return self.unembed(x)
 
-    def _scatter(self, x: Tensor, input_ids: Tensor, vis: VisualInput, feats: Tensor | None) -> Tensor:
+    def _scatter(self, x: Tensor, input_ids: Tensor, vis: VisualInput, given: Tensor | None) -> Tensor:
         """``x`` with one modality's features (computed unless given) in its placeholders."""
-        feats = self._encode(vis.encoder_kwargs) if feats is None else feats
-        feats = getattr(self, f"hook_{vis.modality}_embeds")(feats.to(x.dtype))
+        hook = getattr(self, f"hook_{vis.modality}_embeds")
+        if given is None:
+            feats = self._encode(vis.encoder_kwargs).to(x.dtype)
+        else:
+            check_image_embeds(given, vis.n_tokens, self.cfg.d_model, x.device, what=vis.modality)
+            feats = given.to(x.dtype)
+            if feats is given and hook.is_observed():
+                feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
+        feats = hook(feats)
         mask = (input_ids == vis.token_id).unsqueeze(-1)
         if feats.numel() != int(mask.sum()) * x.shape[-1]:
             raise ValueError(f"{vis.modality} features hold {feats.numel() // x.shape[-1]} token vectors but the "
@@ -273,8 +327,22 @@ class HookedVLM(HookedRootModule):
         super()._enable_hook(name, hook, dir)
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        """As TransformerLens, except that a temporary hook added inside a ``hooks()`` /
+        ``run_with_hooks`` / ``run_with_cache`` context (e.g. by another hook) belongs to
+        that context and is removed when it exits."""
         self._check_hook_name(name)
+        if level is None and not is_permanent and self.context_level > 0:
+            level = self.context_level
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """TransformerLens' ``hooks()`` context; ``fwd_hooks`` / ``bwd_hooks`` must be lists of
+        ``(hook_name_or_filter, fn)`` pairs (a `TypeError` says so otherwise)."""
+        fwd_hooks = check_hook_list(fwd_hooks, "fwd_hooks")
+        bwd_hooks = check_hook_list(bwd_hooks, "bwd_hooks")
+        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as model:
+            yield model
 
     def get_caching_hooks(self, names_filter=None, *args, **kwargs):
         if isinstance(names_filter, str):

@@ -10,12 +10,22 @@ Qwen2.5-VL takes videos, only anyres models have newline tokens) is listed in
 `TokenRoles.missing`; asking `TokenRoles.mask` for it raises `MissingRoleError` naming the
 role and why, so an analysis that needs it (a text->EOI knockout, Registering with the
 EOI) fails instead of silently doing nothing. The attribute itself is an all-False mask.
+
+`TokenRoles` remembers the batch it came from (its ``input_ids``). Interventions built from
+it check, at hook time, that they run on that batch (`TokenRoles.check_runs_on`): the
+shapes, and the token ids of the forward in progress (`HookedVLM.forward` records them
+with `records_batch`). Roles of another batch raise `RolesBatchMismatch`, instead of
+broadcasting a ``[1, n]`` mask over a ``[2, n]`` batch or cutting the wrong positions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from jaxtyping import Bool, Int
@@ -28,6 +38,34 @@ ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "la
               "newline")
 
 RoleSpec = str | Tensor | Iterable[str | Tensor]
+
+#: The ``input_ids`` of the `HookedVLM` forward in progress (None outside a forward).
+_RUNNING_IDS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("mechvlm_running_ids", default=None)
+
+
+class RolesBatchMismatch(ValueError):
+    """An intervention built from the `TokenRoles` of one batch runs on another batch."""
+
+
+@contextlib.contextmanager
+def running_on(input_ids):
+    """Record ``input_ids`` as the batch of the forward in progress (for `check_runs_on`)."""
+    token = _RUNNING_IDS.set(input_ids if isinstance(input_ids, Tensor) else None)
+    try:
+        yield
+    finally:
+        _RUNNING_IDS.reset(token)
+
+
+def records_batch(forward):
+    """Decorator of ``HookedVLM.forward``: its ``input_ids`` (first argument) are the batch
+    in progress while it runs."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        with running_on(args[0] if args else kwargs.get("input_ids")):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 class MissingRoleError(ValueError):
@@ -66,6 +104,9 @@ class TokenRoles:
     Newline tokens (and a kept CLS token) have an ``image_index`` but no cell (-1).
 
     ``missing``: role name -> why this model has no such role (see the module doc).
+
+    ``input_ids``: the ``[batch, pos]`` ids the roles were computed from (CPU), which
+    `check_runs_on` compares with the batch an intervention runs on.
     """
 
     image: Bool[Tensor, "batch pos"]
@@ -86,6 +127,7 @@ class TokenRoles:
     newline: Bool[Tensor, "batch pos"] | None = None
     grid_tile: Int[Tensor, "batch pos"] | None = None
     missing: dict[str, str] = field(default_factory=dict)
+    input_ids: Int[Tensor, "batch pos"] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("video", "newline"):
@@ -97,6 +139,44 @@ class TokenRoles:
     @property
     def shape(self) -> torch.Size:
         return self.image.shape
+
+    def check_runs_on(self, batch: int, pos: int, *, where: str, used_by: str) -> None:
+        """Raise `RolesBatchMismatch` unless the forward in progress is the batch these roles
+        were computed from: ``(batch, pos)`` is the activation's batch size and sequence length
+        at hook ``where``; the token ids recorded by `HookedVLM.forward` are compared too (once
+        per forward). ``used_by`` names the intervention (with its roles) in the message."""
+        ran = (int(batch), int(pos))
+        mine = tuple(self.shape)
+        running = _RUNNING_IDS.get()
+        same = ran == mine
+        if same and running is not None and self.input_ids is not None and tuple(running.shape) == mine:
+            seen = getattr(self, "_verified_ids", None)
+            if seen is None or seen() is not running:
+                ids = self.input_ids.to(running.device)
+                same = bool(torch.equal(ids, running.to(ids.dtype)))
+                if same:
+                    object.__setattr__(self, "_verified_ids", weakref.ref(running))
+            if not same:
+                raise RolesBatchMismatch(
+                    f"{used_by} was built from the TokenRoles of another batch of the same shape {mine}: "
+                    f"the token ids running at '{where}' differ. Build the roles from the batch that runs "
+                    "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks, which mechvlm "
+                    "rebuilds for every batch and generation step")
+        if not same:
+            raise RolesBatchMismatch(
+                f"{used_by} was built from TokenRoles of a batch of shape {mine} [batch, pos] but runs at "
+                f"'{where}' on a batch of shape {ran}. Build the roles from the batch that runs "
+                "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks, which mechvlm "
+                "rebuilds for every batch and generation step")
+
+    def check_ids(self, input_ids: Tensor, *, used_by: str) -> None:
+        """Raise `RolesBatchMismatch` unless ``input_ids`` are the ids of these roles."""
+        if tuple(input_ids.shape) != tuple(self.shape):
+            raise RolesBatchMismatch(f"{used_by}: the TokenRoles are of a batch of shape {tuple(self.shape)}, "
+                                     f"input_ids have shape {tuple(input_ids.shape)}")
+        if self.input_ids is not None and not torch.equal(self.input_ids, input_ids.cpu().to(self.input_ids.dtype)):
+            raise RolesBatchMismatch(f"{used_by}: the TokenRoles were computed from other input_ids "
+                                     f"of the same shape {tuple(self.shape)}")
 
     def mask(self, spec: RoleSpec) -> Bool[Tensor, "batch pos"]:
         """A role name, a boolean ``[batch, pos]`` mask, or an iterable of them (union)."""
@@ -121,7 +201,8 @@ class TokenRoles:
         return out
 
     def to(self, device) -> "TokenRoles":
-        kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw = {k: (v.to(device) if isinstance(v, Tensor) and k != "input_ids" else v) for k, v in kw.items()}
         return TokenRoles(**kw)
 
     def counts(self) -> dict[str, list[int]]:
@@ -198,5 +279,5 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
         image=image.to(dev), eoi=eoi.to(dev), image_start=start.to(dev), prefix=prefix.to(dev),
         text=text.to(dev), bos=bos.to(dev), pad=(~real).to(dev), last=last.to(dev), real=real.to(dev),
         video=video.to(dev), newline=newline.to(dev), **{k: v.to(dev) for k, v in grid.items()},
-        spans=list(spans), missing=missing_roles(cfg),
+        spans=list(spans), missing=missing_roles(cfg), input_ids=ids.long().clone(),
     )

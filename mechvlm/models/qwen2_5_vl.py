@@ -96,6 +96,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             pad_token_id=tc.pad_token_id,
             spatial_merge_size=hf_config.vision_config.spatial_merge_size,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            n_ctx=getattr(tc, "max_position_embeddings", None),
             dtype=dtype,
             device=str(device),
             extra={"tokens_per_second": hf_config.vision_config.tokens_per_second},

@@ -11,7 +11,7 @@ def example_items(items, n: int = 4) -> list:
     """The first item of each category (base questions first), at most ``n``."""
     seen, out = set(), []
     for it in sorted(items, key=lambda it: (it.circular_copy, it.index)):
-        if it.category not in seen:
+        if it.image is not None and it.category not in seen:
             seen.add(it.category)
             out.append(it)
         if len(out) == n:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import write_text
 from ..mmbench.report_tables import outputs_table, save_results, table1
 
 MODE_NOTE = (
@@ -18,6 +19,15 @@ MODE_NOTE = (
     "post_softmax_zero zeroes the weights after the softmax without renormalising (seed 000 "
     "Eq. 3-4 as written): the blocked keys stay in the denominator, and part of their effect "
     "leaks through the unchanged values of the other keys.")
+
+
+NOT_SCORED_NOTE = ("Accuracy is not available: the benchmark has no answers (a test split). The "
+                   "predictions and the output kinds are in mmbench_items.csv and results.json.")
+
+
+def scored(knockout: dict) -> bool:
+    """True when some condition has an accuracy (False for a TSV without answers)."""
+    return any(s.get("accuracy") is not None for s in knockout.values())
 
 
 def _jsonable(x):
@@ -78,7 +88,7 @@ def write_outputs(results: dict, share, received, out: Path, examples: list[str]
 
     out.mkdir(parents=True, exist_ok=True)
     results.update(metric_summary(share, received))
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+    write_text(out / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
     label = label_of(results)
     save_results({label: results["knockout"]}, out)
     page = Page(f"mechvlm report: {label}")
@@ -87,6 +97,8 @@ def write_outputs(results: dict, share, received, out: Path, examples: list[str]
     page.add_heading("Table 1: attention knockout in all layers (accuracy, std over items)")
     page.add_html(_pre(table1({label: results["knockout"]})))
     page.add_html(_pre(outputs_table({label: results["knockout"]})))
+    if not scored(results["knockout"]):
+        page.add_text(NOT_SCORED_NOTE)
     page.add(fig_knockout({label: results["knockout"]}), alt="knockout accuracy")
     page.add_text(MODE_NOTE)
     for name, why in results.get("skipped", {}).items():
@@ -116,6 +128,8 @@ def print_summary(results: dict, out: Path) -> None:
     print(outputs_table({label: results["knockout"]}))
     for name, why in results.get("skipped", {}).items():
         print(f"not run: {name} ({why})")
+    if not scored(results["knockout"]):
+        print("\naccuracy: not available (the benchmark has no answers)")
     share = results["attention_share"]
     m = torch.as_tensor(share["mean_head_share"])
     print("\nattention share of the text (" + " / ".join(share["keys"]) + "), head-summed, per layer:")

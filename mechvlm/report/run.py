@@ -9,6 +9,11 @@ Defaults are the shipped toy Qwen2.5-VL and the shipped synthetic TSV, so the co
 offline; point ``model`` at any local Qwen2.5-VL or Gemma3 checkpoint directory (HF layout,
 with its tokenizer and image processor) and ``mmbench`` at a real MMBench TSV for the real
 thing. The metrics stream (no attention pattern is cached), so long prompts fit.
+
+Before any compute: the arguments are checked, ``out`` must be writable and hold no file
+mechvlm did not write there (`mechvlm.outdir`; ``overwrite=True`` replaces them), and the
+TSV is read and its images decoded (a broken row fails in seconds, naming its line). The
+folder's manifest lists what the report wrote.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import torch
 
 from ..hooked_vlm import HookedVLM
 from ..metrics import attention_share, received_attention
-from ..mmbench.conditions import CONDITIONS
+from ..mmbench.conditions import CONDITIONS, resolve_conditions
 from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
-from ..mmbench.tsv import load_mmbench
+from ..mmbench.tsv import check_item_images, load_mmbench
+from ..outdir import prepare_out_dir, write_manifest
 from ..processing import InputBuilder
 from ..roles import missing_roles
 from .examples import example_heatmaps
@@ -47,6 +53,26 @@ class ReportConfig:
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     analyses: tuple[str, ...] = ()  # optional sections (`mechvlm.report.sections.ANALYSES`)
     progress: bool = True
+    overwrite: bool = False  # replace files in ``out`` that mechvlm did not write
+
+    def check(self) -> None:
+        """Refuse out-of-range arguments (naming them) before any work."""
+        for name, value in (("limit", self.limit), ("batch_size", self.batch_size),
+                            ("max_new_tokens", self.max_new_tokens)):
+            if value is None and name == "limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        path = self.model_dir()
+        if not path.is_dir():
+            what = "is a file, not a directory" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"no such directory: {path} (the model directory {what}; give a local "
+                                    "checkpoint directory with config.json, weights, tokenizer and image "
+                                    "processor)")
+        if not self.tsv().is_file():
+            raise FileNotFoundError(f"no such file: {self.tsv()} (the MMBench TSV)")
 
     def model_dir(self) -> Path:
         return Path(self.model) if self.model else SHIPPED["qwen2_5_vl"]
@@ -56,12 +82,8 @@ class ReportConfig:
 
 
 def load(cfg: ReportConfig) -> tuple[HookedVLM, InputBuilder]:
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    cfg.check()
     path = cfg.model_dir()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (give a local checkpoint "
-                                "directory with config.json, weights, tokenizer and image processor)")
     model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
     return model, InputBuilder.from_pretrained(path)
@@ -71,7 +93,8 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
     """Left-padded batches of the seed prompts with their images, lazily."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        yield builder([mmbench_prompt(it) for it in chunk], [[it.pil_image()] for it in chunk])
+        yield builder([mmbench_prompt(it) for it in chunk],
+                      [[it.pil_image()] if it.image is not None else [] for it in chunk])
 
 
 def share_keys(model) -> tuple[str, ...]:
@@ -106,12 +129,16 @@ def run_report(cfg: ReportConfig) -> dict:
 
     t0 = time.time()
     sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
-    model, builder = load(cfg)
-    items = load_mmbench(cfg.tsv())
+    resolve_conditions(list(cfg.conditions))
+    cfg.check()
+    out_state = prepare_out_dir(cfg.out, overwrite=cfg.overwrite)  # writable, nothing of the user's
+    items = load_mmbench(cfg.tsv(), check_images=False)
     if cfg.limit is not None:
         items = items[:cfg.limit]
     if not items:
         raise ValueError(f"no items to evaluate in {cfg.tsv()}")
+    check_item_images(items, cfg.tsv())  # a broken image fails now, not after the compute
+    model, builder = load(cfg)
     batches = list(metric_batches(builder, items, cfg.batch_size))
     conditions, skipped = runnable_conditions(model, cfg.conditions)
     share = attention_share(model, batches, keys=share_keys(model), progress=cfg.progress)
@@ -133,5 +160,6 @@ def run_report(cfg: ReportConfig) -> dict:
     results["analyses"] = {s.name: r.to_dict() for s, r in computed}
     results["wall_s"] = round(time.time() - t0, 2)
     write_outputs(results, share, received, Path(cfg.out), examples, sections=computed, ctx=ctx)
+    write_manifest(cfg.out, out_state, command="mechvlm report")
     print_summary(results, Path(cfg.out))
     return results

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from mechvlm.viz.text import plain
+
 
 __all__ = ["fig_attention_share", "fig_received_attention", "fig_logit_lens", "fig_logit_lens_on_image",
            "fig_visual_text_similarity"]
@@ -101,7 +103,7 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
         for j, (k, i) in enumerate(zip(order, idx)):
             v = np.nan_to_num(share[:, i])
             ax.bar(x, v, bottom=bottom, width=0.85, color=palette[j % len(palette)],
-                   label=f"{res.query}\u2192{_role(k)}", edgecolor="white", linewidth=0.3)
+                   label=plain(f"{res.query}\u2192{_role(k)}"), edgecolor="white", linewidth=0.3)
             bottom += v
         ax.set_ylim(0, 1)
         ax.set_xlim(-0.6, len(x) - 0.4)
@@ -109,7 +111,7 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
         ax.set_xlabel("layer")
         ax.set_ylabel("attention share")
         how = f"head {reading}" if isinstance(reading, int) else reading.replace("_", " ")
-        ax.set_title(f"{name + ': ' if name else ''}{res.query} \u2192 key roles ({how})", fontsize=10)
+        ax.set_title(plain(f"{name + ': ' if name else ''}{res.query} \u2192 key roles ({how})"), fontsize=10)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(4, len(order)),
                   frameon=False)
     if title:
@@ -157,10 +159,10 @@ def fig_received_attention(results, *, layers: Sequence[int] | None = None, head
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
-        ax.set_xlabel(f"fraction of {res.key} tokens (sorted by received attention)")
-        ax.set_ylabel(f"cumulative share of {res.query}\u2192{_role(res.key)} attention")
+        ax.set_xlabel(plain(f"fraction of {res.key} tokens (sorted by received attention)"))
+        ax.set_ylabel(plain(f"cumulative share of {res.query}\u2192{_role(res.key)} attention"))
         who = f"head {head}" if head is not None else "head mean"
-        ax.set_title(f"{name + ': ' if name else ''}received attention ({who})", fontsize=10)
+        ax.set_title(plain(f"{name + ': ' if name else ''}received attention ({who})"), fontsize=10)
         leg_title = ("layer (tokens for " + "/".join(f"{int(t * 100)}%" for t in res.thresholds) + ")"
                      if frac is not None else "layer")
         ax.legend(fontsize=7, title=leg_title, title_fontsize=7, loc="lower right",
@@ -180,7 +182,7 @@ def _decode(tokenizer, i: int) -> str:
         s = tokenizer.decode([i])
     else:
         s = str(tokenizer(i) if callable(tokenizer) else tokenizer[i])
-    return s.replace("\n", "\u21b5").replace("$", r"\$") or "\u2205"
+    return plain(s.replace("\n", "\u21b5")) or "\u2205"
 
 
 def _example_rows(res, example: int):
@@ -245,10 +247,10 @@ def fig_logit_lens(result, *, example: int = 0, tokenizer=None, layers: Sequence
             return f"i{int(roles.image_index[row, p])}:{rc}" if several else rc
 
         ax.set_xticks(range(P), [cell(p) for p in pos], rotation=90, fontsize=6)
-        ax.set_xlabel(f"{res.positions} token: grid row,col (example {example})")
+        ax.set_xlabel(plain(f"{res.positions} token: grid row,col (example {example})"))
     else:
         ax.set_xticks(range(P), [str(p) for p in pos], rotation=90, fontsize=6)
-        ax.set_xlabel(f"{res.positions} position (example {example})")
+        ax.set_xlabel(plain(f"{res.positions} position (example {example})"))
     ax.set_yticks(range(L), [str(res.layers[i]) for i in li], fontsize=7)
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="top-1 probability")
@@ -352,13 +354,13 @@ def fig_visual_text_similarity(results, *, stat: str = "both", show_examples: bo
                     ax.plot(x, row, color=color, lw=0.5, alpha=0.3, ls=ls)
             mean = np.nanmean(per_ex, 0) if len(per_ex) else np.full(len(x), np.nan)
             ax.plot(x, mean, color=color, ls=ls, marker="o", ms=3, lw=1.5,
-                    label=f"{name + ': ' if name else ''}{s} cos ({res.reference})")
+                    label=plain(f"{name + ': ' if name else ''}{s} cos ({res.reference})"))
     _layer_ticks(ax, layers0)
     ax.set_xlabel("layer")
     ax.set_ylabel("cosine similarity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     res0 = items[0][1]
-    ax.set_title(title or f"{res0.image} hidden states vs {res0.text} embeddings", fontsize=10)
+    ax.set_title(title or plain(f"{res0.image} hidden states vs {res0.text} embeddings"), fontsize=10)
     fig.tight_layout()
     return fig

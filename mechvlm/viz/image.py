@@ -36,6 +36,7 @@ from mechvlm.roles import TokenRoles
 from mechvlm.viz.attention import _select_heads, pattern_of
 from mechvlm.viz.html import figure_to_img_html
 from mechvlm.viz.labels import row_spans
+from mechvlm.viz.text import plain
 
 __all__ = ["QWEN_PATCH", "ImagePanel", "received_per_position", "image_panels", "image_grids",
            "model_pixel_size", "resize_to_grid", "heat_pixels", "overlay", "attention_on_image",
@@ -330,7 +331,7 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
         fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
     lay = f"Layer {layer}: " if layer is not None else ""
-    fig.suptitle(title if title is not None else f"{lay}{what}", fontsize=10)
+    fig.suptitle(title if title is not None else plain(f"{lay}{what}"), fontsize=10)
     return fig
 
 

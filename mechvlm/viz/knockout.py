@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mechvlm.viz.html import HTMLFragment
+from mechvlm.viz.text import plain
 
 
 def normalize_knockout(table: Mapping) -> dict[str, dict[str, dict]]:
@@ -29,7 +30,8 @@ def normalize_knockout(table: Mapping) -> dict[str, dict[str, dict]]:
         if isinstance(v, Mapping):
             if "accuracy" not in v:
                 raise ValueError(f"a knockout entry needs 'accuracy', got keys {sorted(v)}")
-            return {"accuracy": float(v["accuracy"]), "std": v.get("std"), "n": v.get("n"),
+            acc = v["accuracy"]  # None: not scored (a test split without answers)
+            return {"accuracy": None if acc is None else float(acc), "std": v.get("std"), "n": v.get("n"),
                     "outputs": dict(v["outputs"]) if v.get("outputs") else None}
         if isinstance(v, (tuple, list)):
             if not 1 <= len(v) <= 3:
@@ -45,9 +47,9 @@ def normalize_knockout(table: Mapping) -> dict[str, dict[str, dict]]:
     return {str(m): {str(c): entry(v) for c, v in conds.items()} for m, conds in rows.items()}
 
 
-def _fmt(x: float | None) -> str:
+def _fmt(x: float | None, missing: str = "") -> str:
     if x is None:
-        return ""
+        return missing
     s = f"{x:.3f}"
     return s[1:] if s.startswith("0.") else s
 
@@ -85,6 +87,11 @@ def fig_knockout(table: Mapping, *, error: str | None = "auto", width: float | N
             if e is None:
                 continue
             xs.append(i + (j - (len(conds) - 1) / 2) * bw)
+            if e["accuracy"] is None:  # not scored: no bar, a note
+                ys.append(0.0)
+                errs.append(0.0)
+                notes.append("n/a")
+                continue
             ys.append(e["accuracy"])
             err = None
             if error == "std" or (error == "sem" and e["n"] is None):
@@ -93,14 +100,15 @@ def fig_knockout(table: Mapping, *, error: str | None = "auto", width: float | N
                 err = e["std"] / np.sqrt(e["n"])
             errs.append(err if err is not None else 0.0)
             notes.append(_fmt(e["accuracy"]) + (f" ({_fmt(e['std'])})" if e["std"] is not None else ""))
-        bars = ax.bar(xs, ys, width=bw * 0.95, color=palette[j % len(palette)], label=c,
+        bars = ax.bar(xs, ys, width=bw * 0.95, color=palette[j % len(palette)], label=plain(c),
                       yerr=errs if any(errs) else None, capsize=2)
         for b, note in zip(bars, notes):
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(range(len(models)), [m or "model" for m in models])
+    ax.set_xticks(range(len(models)), [plain(m or "model") for m in models])
     ax.set_ylabel("accuracy")
-    top = max(e["accuracy"] for m in models for e in rows[m].values())
+    top = max([e["accuracy"] for m in models for e in rows[m].values() if e["accuracy"] is not None],
+              default=0.0)
     ax.set_ylim(0, min(1.0, top * 1.35 + 0.05))
     ax.legend(title="knockout", fontsize=7, title_fontsize=7, loc="upper right")
     if title:
@@ -116,14 +124,14 @@ def fig_knockout(table: Mapping, *, error: str | None = "auto", width: float | N
                 if e is None or not e["outputs"]:
                     continue
                 tot = sum(e["outputs"].values()) or 1
-                labels.append(f"{m}\n{c}" if m else c)
+                labels.append(plain(f"{m}\n{c}" if m else c))
                 fracs.append([e["outputs"].get(k, 0) / tot for k in kinds])
         fr = np.array(fracs)
         left = np.zeros(len(labels))
         kind_colors = ["#55A868", "#C44E52", "#8172B3", "#CCB974", "#64B5CD"]
         for k_i, k in enumerate(kinds):
             ax2.barh(range(len(labels)), fr[:, k_i], left=left, color=kind_colors[k_i % len(kind_colors)],
-                     label=k)
+                     label=plain(k))
             left += fr[:, k_i]
         ax2.set_yticks(range(len(labels)), labels, fontsize=7)
         ax2.invert_yaxis()
@@ -148,7 +156,7 @@ def knockout_table_html(table: Mapping, *,
         for c in conds:
             e = entries.get(c)
             cells.append("<td></td>" if e is None else
-                         f"<td>{_fmt(e['accuracy'])}" + (f" ({_fmt(e['std'])})" if e["std"] is not None else "")
+                         f"<td>{_fmt(e['accuracy'], 'n/a')}" + (f" ({_fmt(e['std'])})" if e["std"] is not None else "")
                          + "</td>")
         body.append(f"<tr><th>{html.escape(m or 'model')}</th>{''.join(cells)}</tr>")
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
