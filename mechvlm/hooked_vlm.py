@@ -51,6 +51,10 @@ def _without_module_hooks(module: nn.Module) -> nn.Module:
                 hooks.clear()
         if getattr(m, "_is_full_backward_hook", None) is not None:
             m._is_full_backward_hook = None
+        if getattr(m, "_output_capturing_hooks_installed", False):
+            # HF's own hidden-state capture hooks went too: let HF install them again when
+            # needed (LLaVA selects a tower layer through them), or it captures nothing
+            m._output_capturing_hooks_installed = False
     return module
 
 

@@ -71,6 +71,18 @@ def test_parity_with_hf_eager(models, case):
         assert (cache["pattern", 0][:, :, -1, :-24] == 0).all() and (cache["pattern", 1][:, :, -1, :-24] > 0).any()
 
 
+def test_built_after_hf_ran(models):
+    """HF installs its hidden-state capture hooks on the tower at the first call; mechvlm's
+    private copy drops every hook, and must let HF install them again (else LLaVA's layer
+    selection finds no hidden state)."""
+    hf, _ = models("llava")
+    batch = llava_batch(hf, [[2, "image", 3]], seed=3)  # runs HF's get_image_features first
+    assert hf.model.vision_tower._output_capturing_hooks_installed
+    model = HookedVLM.from_hf(hf)
+    with torch.no_grad():
+        assert (model(**batch) - hf(**batch).logits).abs().max() <= 1e-4
+
+
 def test_llama3_rope_is_hf_s_and_not_the_default(models):
     hf, model = models("llava_next", rope_parameters=LLAMA3_ROPE, n_layers=3)
     assert model.cfg.rope_type == "llama3"

@@ -66,6 +66,7 @@ def decoder_fields(tc) -> dict:
         eps=tc.rms_norm_eps, act_fn=tc.hidden_act, attn_scale=d_head**-0.5, rope_theta=theta,
         rope_type=rope_type, layer_types=layer_types, sliding_window=tc.sliding_window if sliding else None,
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
+        n_ctx=getattr(tc, "max_position_embeddings", None),
         extra={"text_model_type": mt, "qkv_bias": mt == "qwen2",
                "rope_inv_freq": tuple(inv_freq.tolist()) if inv_freq is not None else None},
     )
