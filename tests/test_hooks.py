@@ -85,6 +85,7 @@ def _perturb(t: torch.Tensor, hook) -> torch.Tensor:
 
 def test_every_hook_edit_changes_logits(result_model, visual_batch):
     with torch.no_grad():
+        visual_batch = {**visual_batch, **result_model.visual_embeds(**visual_batch)}  # the towers run once
         clean = result_model(**visual_batch)
         for name in result_model.hook_dict:
             edited = result_model.run_with_hooks(**visual_batch, fwd_hooks=[(name, _perturb)])
@@ -99,6 +100,7 @@ def test_every_in_place_edit_takes_effect(result_model, visual_batch):
             t.mul_(1.5).add_(0.1)
 
     with torch.no_grad():
+        visual_batch = {**visual_batch, **result_model.visual_embeds(**visual_batch)}  # the towers run once
         clean = result_model(**visual_batch)
         for name in result_model.hook_dict:
             edited = result_model.run_with_hooks(**visual_batch, fwd_hooks=[(name, scale_in_place)])
