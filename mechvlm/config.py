@@ -54,10 +54,23 @@ class VLMConfig:
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
-        normalization_type, attn_only: constants TransformerLens' ActivationCache reads.
+        normalization_type: ``"RMS"``; ``"RMSPre"`` once ``fold_ln`` moved the norm weights
+            into the next linear maps (TransformerLens' names).
+        attn_only: constant TransformerLens' ActivationCache reads.
+        use_split_qkv_input, use_attn_in, use_hook_mlp_in, use_hook_tokens: the opt-in hooks
+            (``HookedVLM.set_use_*``).
+        default_prepend_bos, tokenizer_prepends_bos, tokenizer_name: set from the attached
+            tokenizer (TransformerLens' meaning).
+        ln_folded: True after ``process_weights_(fold_ln=True)``.
         extra: family-specific settings (Gemma3 ``mm_tokens_per_image``; Qwen2.5-VL
             ``tokens_per_second``; LLaVA the tower geometry, ``image_grid_pinpoints``,
             ``image_newline``, ``max_patches``, ``qkv_bias``, ``rope_inv_freq``).
+
+    TransformerLens' derived names are properties: ``n_key_value_heads``,
+    ``positional_embedding_type`` (``"rotary"``), ``gated_mlp``, ``final_rms``,
+    ``original_architecture``, ``window_size``, ``rotary_dim``, ``rotary_base``,
+    ``d_vocab_out``, ``model_name``, ``use_normalization_before_and_after``,
+    ``rmsnorm_uses_offset``.
     """
 
     architecture: str
@@ -94,6 +107,14 @@ class VLMConfig:
     use_attn_result: bool = False
     normalization_type: str = "RMS"
     attn_only: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    use_hook_tokens: bool = False
+    default_prepend_bos: bool = False
+    tokenizer_prepends_bos: bool = False
+    tokenizer_name: str | None = None
+    ln_folded: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +143,48 @@ class VLMConfig:
     def n_key_value_heads(self) -> int:
         """TransformerLens' name for ``n_kv_heads``."""
         return self.n_kv_heads
+
+    # TransformerLens' names for what the fields above already say ------------------
+    positional_embedding_type = "rotary"
+    gated_mlp = True
+    final_rms = True
+    ungroup_grouped_query_attention = False
+    parallel_attn_mlp = False
+    n_devices = 1
+    default_padding_side = "right"
+
+    @property
+    def original_architecture(self) -> str:
+        return self.architecture
+
+    @property
+    def model_name(self) -> str:
+        return self.architecture
+
+    @property
+    def window_size(self) -> int | None:
+        return self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.d_head
+
+    @property
+    def rotary_base(self) -> float:
+        return self.rope_theta
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """Gemma3's norms scale by ``1 + w``."""
+        return self.model_type == "gemma3"
+
+    @property
+    def use_normalization_before_and_after(self) -> bool:
+        return self.model_type == "gemma3"
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None for a full-attention layer."""

@@ -25,6 +25,12 @@ class UnknownHookError(ValueError):
     """A hook name (or name filter) that matches no hook point of the model."""
 
 
+class OptInHookError(UnknownHookError, AssertionError):
+    """A hook point that exists only once switched on (``set_use_attn_result``,
+    ``set_use_split_qkv_input``, ``set_use_attn_in``, ``set_use_hook_mlp_in``). Also an
+    ``AssertionError``, which is what TransformerLens raises there."""
+
+
 ShapeRule = Callable[[torch.Size, torch.Size], bool]
 
 
@@ -59,11 +65,14 @@ class HookPoint(_TLHookPoint):
         self.shape_rule = shape_rule
 
     def add_hook(self, hook, dir="fwd", is_permanent=False, level=None, prepend=False, alias_names=None):
+        user_hook = hook.fn if isinstance(hook, _CheckedHook) else hook
         if dir == "fwd" and not isinstance(hook, _CheckedHook):
             hook = _CheckedHook(hook, self)
-        return super().add_hook(
+        handle = super().add_hook(
             hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, alias_names=alias_names
         )
+        handle.user_hook = user_hook  # list_hooks() shows the user's function, not the checker
+        return handle
 
     def check_edit(self, out: Any, act: torch.Tensor, fn: Callable) -> None:
         where = f"hook {fn!r} at '{self.name}'"
@@ -87,15 +96,20 @@ class HookPoint(_TLHookPoint):
         return bool(self.fwd_hooks or self.bwd_hooks)
 
 
+_OPT_IN = {"hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
+           "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input",
+           "hook_attn_in": "set_use_attn_in", "hook_mlp_in": "set_use_hook_mlp_in"}
+
+
 def unknown_hook_error(name: str, known: Iterable[str]) -> UnknownHookError:
     known = list(known)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    extra = ""
-    if name.endswith("hook_result"):
-        extra = " (hook_result is opt-in: call model.set_use_attn_result(True) first)"
+    for suffix, switch in _OPT_IN.items():
+        if name.endswith(suffix):
+            return OptInHookError(f"{name!r} is opt-in: call model.{switch}(True) first")
     return UnknownHookError(
-        f"unknown hook name {name!r}{hint}{extra}. model.hook_dict lists all {len(known)} hook points."
+        f"unknown hook name {name!r}{hint}. model.hook_dict lists all {len(known)} hook points."
     )
 
 

@@ -63,6 +63,11 @@ def _meta(name: str, summary: Mapping) -> tuple[str, str | None]:
 
 def table1(results: Mapping, *, model: str = "model") -> str:
     """Seed 000 Table 1 as a markdown table (see the module docstring)."""
+    return _markdown(*table1_rows(results, model=model))
+
+
+def table1_rows(results: Mapping, *, model: str = "model") -> tuple[list[str], list[list[str]]]:
+    """Seed 000 Table 1 as ``(header, rows)`` of strings (what `table1` prints)."""
     models = by_model(results, model)
     extra = list(dict.fromkeys(d for conds in models.values() for n, s in conds.items()
                                if (d := _meta(n, s)[0]) not in DIRECTIONS))
@@ -76,7 +81,7 @@ def table1(results: Mapping, *, model: str = "model") -> str:
                 match = [s for n, s in conds.items() if _meta(n, s)[0] == d and _meta(n, s)[1] in (mode, None)]
                 cells.append(fmt_score(match[0]["accuracy"], match[0]["std"]) if match else "")
             rows.append([m, mode or "", *cells])
-    return _markdown(["model", "mode", *[COLUMN_LABELS.get(c, c) for c in columns]], rows)
+    return ["model", "mode", *[COLUMN_LABELS.get(c, c) for c in columns]], rows
 
 
 def outputs_table(results: Mapping, *, model: str = "model") -> str:

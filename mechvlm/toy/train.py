@@ -2,7 +2,7 @@
 
 ``python -m mechvlm.toy.train --family qwen2_5_vl --out DIR`` (also ``mechvlm train-toy``).
 The model is the exact HF architecture (``*ForConditionalGeneration``) at ~1M parameters.
-What made letters learnable (see ``docs/toy_models.md`` and TOY_MODEL_NOTES.md):
+What made letters learnable (see ``docs/toy_models.md``, with the prototype before it):
 
 - one token per option line, with its embedding initialised as letter + option word;
 - a curriculum: open-ended answers only for the first ``--open-steps``, then a mix;

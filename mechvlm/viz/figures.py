@@ -87,14 +87,18 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
 
     ``reading``: ``"head_mean"`` (per-head shares averaged over heads,
     ``mean_head_mean_share``), ``"head_sum"`` (share of the head-summed mass,
-    ``mean_head_share``) or a head index. ``keys``: a subset / order of ``result.keys``.
+    ``mean_head_share``) or a head index, or a list of those (one per panel: the same
+    result twice in ``results`` shows two readings). ``keys``: a subset / order of ``result.keys``.
     ``results``: one ``AttentionShareResult`` or ``{name: result}`` (one panel each).
     Layers whose share is undefined (NaN) are left empty.
     """
     items = _panels(results)
     fig, axes = _subplots(len(items), width, height)
     palette = colors or ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
-    for ax, (name, res) in zip(axes, items):
+    readings = list(reading) if isinstance(reading, (list, tuple)) else [reading] * len(items)
+    if len(readings) != len(items):
+        raise ValueError(f"{len(readings)} readings given for {len(items)} panels")
+    for ax, (name, res), reading in zip(axes, items, readings):
         share = _share_matrix(res, reading)  # [layer, key]
         order = list(res.keys) if keys is None else list(keys)
         idx = [list(res.keys).index(k) for k in order]
@@ -112,8 +116,11 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
         ax.set_ylabel("attention share")
         how = f"head {reading}" if isinstance(reading, int) else reading.replace("_", " ")
         ax.set_title(plain(f"{name + ': ' if name else ''}{res.query} \u2192 key roles ({how})"), fontsize=10)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(4, len(order)),
-                  frameon=False)
+    # one legend right of the last panel when every panel shows the same key roles, else one
+    # right of each panel (outside the axes: it covers no bar and no axis label)
+    same = keys is not None or len({tuple(res.keys) for _, res in items}) == 1
+    for ax in (axes[-1:] if same else axes):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
