@@ -284,3 +284,19 @@ def test_crosscheck_with_nnsight(models, family):
     assert report.passed, report.table()
     assert set(report.skipped) == {"text->eoi"} and "share/text" in {r.quantity for r in report.rows}
     assert min(report.effects.values()) > 1e-2
+
+
+def test_vlmbatch_row_selection_keeps_image_sizes(models):
+    """TransformerLens-style row selection of a LLaVA-NeXT batch: the chosen rows' images and
+    their image_sizes; images written back to back cannot be assigned to rows and raise."""
+    from mechvlm.forward_args import VLMBatch
+
+    hf, model = models("llava_next")
+    batch = llava_batch(hf, [[2, "image", 3, "image", 1], [3, "image", 2]], [(20, 40), (50, 50), (40, 20)], seed=10)
+    rows = VLMBatch(batch, image_token_id=IMG)[1:2]
+    assert rows["image_sizes"].tolist() == [[40, 20]] and rows["pixel_values"].shape[0] == 1
+    with torch.no_grad():
+        assert (model(**rows)[0] - model(**batch)[1]).abs().max() <= 1e-5
+    adjacent = llava_batch(hf, [[2, "image", "image", 1]], [(20, 40), (50, 50)], seed=10)
+    with pytest.raises(ValueError, match="1 runs of image tokens but 2 images"):
+        VLMBatch(adjacent, image_token_id=IMG)[0:1]

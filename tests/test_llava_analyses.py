@@ -177,4 +177,5 @@ def test_report_runs_on_a_local_checkpoint(checkpoints, family, tmp_path):
     assert set(res["skipped"]) == {"text→EOI:pre_softmax_mask", "text→EOI:post_softmax_zero"}
     assert res["attention_share"]["keys"] == ["image", "text"]
     html = (out / "report.html").read_text()
-    assert "Not run: text→EOI:pre_softmax_mask" in html and html.count("data:image/png;base64,") >= 6
+    assert "not run: text→EOI:pre_softmax_mask" in html and html.count("data:image/png;base64,") >= 3
+    assert "this model has no end-of-image token" in html

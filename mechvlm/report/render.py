@@ -4,7 +4,8 @@
 ``results.json`` holds one entry per model under ``"models"`` (in ``--model`` order) and
 the run info under ``"run"``. The keys of the one-model format stay at the top level and
 describe the **first** model (``model``, ``model_type``, ``attention_share``,
-``received_attention``, ``knockout``, ``analyses``); ``mmbench``, ``n_items``, ``config``
+``received_attention``, ``knockout``, ``analyses``, ``skipped``: the conditions the model
+cannot run, with why); ``mmbench``, ``n_items``, ``config``
 and ``wall_s`` (the whole run) are shared.
 """
 
@@ -70,7 +71,8 @@ def results_dict(runs, cfg, items, info: dict) -> dict:
         "n_items": len(items),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "attention_share": first["attention_share"], "received_attention": first["received_attention"],
-        "knockout": first["knockout"], "analyses": first["analyses"], "wall_s": info["wall_s"],
+        "knockout": first["knockout"], "analyses": first["analyses"], "skipped": first["skipped"],
+        "wall_s": info["wall_s"],
         "labels": [r.label for r in runs], "models": models, "run": info,
     }
 
