@@ -23,6 +23,7 @@ from mechvlm.config import VLMConfig
 from mechvlm.fold_ln import process_weights_
 from mechvlm.forward_args import forward_arguments
 from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
+from mechvlm.image_layout import kept_feature_index
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     VISUAL_INPUTS,
@@ -235,16 +236,18 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
                        attention_mask: Tensor | None = None,
-                       token_type_ids: Tensor | None = None, **visual) -> PreparedInputs:
+                       token_type_ids: Tensor | None = None, image_cells=None, **visual) -> PreparedInputs:
         """Validate the inputs; find image (and video) spans, positions, padding and
         (Gemma3) the bidirectional image blocks. ``visual``: the `VISUAL_INPUTS`
         (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
-        ``image_sizes``, ``batch_num_images``) of the families that use them."""
+        ``image_sizes``, ``batch_num_images``) of the families that use them;
+        ``image_cells``: see ``forward``."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
-                                          attention_mask, self.device, token_type_ids=token_type_ids, **visual)
+                                          attention_mask, self.device, token_type_ids=token_type_ids,
+                                          image_cells=image_cells, **visual)
 
     def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
-              attention_mask: Tensor | None = None, **batch) -> TokenRoles:
+              attention_mask: Tensor | None = None, image_cells=None, **batch) -> TokenRoles:
         """Token roles of a batch (image, video, newline, eoi, image_start, prefix, text,
         bos, pad, last) and the cell of every image token. Takes the same keyword
         arguments as ``forward`` (``model.roles(**batch)``); pixels are not needed (the
@@ -254,7 +257,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
         visual = {k: batch[k] for k in VISUAL_INPUTS if k not in ("pixel_values_videos", "second_per_grid_ts")
                   and batch.get(k) is not None}
-        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, **visual)
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, image_cells, **visual)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     @records_batch  # role-based hooks check that their TokenRoles were built for this batch
@@ -268,6 +271,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
+        image_cells: list[Int[Tensor, " kept"]] | None = None,
         loss_per_token: bool = False,
         target_mask: Tensor | None = None,
         start_at_layer: int | None = None,
@@ -305,12 +309,19 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
         ``hook_image_embeds`` still sees and may edit it (an edit applies to this forward
         only: the given tensor is never modified). It must be ``[n_image_tokens, d_model]``
-        on the model's device.
+        on the model's device (with ``image_cells``: the features of the whole images).
         Videos (Qwen2.5-VL): ``pixel_values_videos``, ``video_grid_thw`` and optionally
         ``second_per_grid_ts`` (seconds per temporal patch, default 1), as HF's processor
         returns them; ``video_embeds`` as ``image_embeds``. LLaVA-NeXT / OneVision:
         ``image_sizes`` (``[n_images, 2]`` original height, width) and, for OneVision,
         ``batch_num_images`` (rows with several images use the overview only).
+        ``image_cells``: images some of whose tokens were removed from the sequence (see
+        `mechvlm.interventions.remove_image_tokens`): per image (feature order), the
+        increasing row-major cells of its merged grid that its tokens in ``input_ids``
+        stand for. The vision features (and ``image_embeds``, ``hook_image_embeds``) stay
+        those of the whole images; the kept cells' features are scattered in, with the
+        positions of the family's ``prepare_inputs``. Images only (videos keep every
+        token), and one-grid images only (anyres LLaVA images raise).
         """
         if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or tokens is not None:
             return self.forward(**forward_arguments(self, {k: v for k, v in locals().items()
@@ -322,7 +333,8 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                       second_per_grid_ts=second_per_grid_ts, image_sizes=image_sizes,
                       batch_num_images=batch_num_images)
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids, **{k: v for k, v in visual.items() if v is not None})
+                                     token_type_ids, image_cells,
+                                     **{k: v for k, v in visual.items() if v is not None})
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if start_at_layer is None:
             x = self._embed(inputs, {"image": image_embeds, "video": video_embeds})
@@ -374,23 +386,29 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         x = self.embed(ids)
         given = dict(given)
         for vis in inputs.visual:
-            x = self._scatter(x, inputs.input_ids, vis, given.pop(vis.modality, None))
+            x = self._scatter(x, inputs, vis, given.pop(vis.modality, None))
         for modality, embeds in given.items():
             if embeds is not None:  # raises: nothing to fill
                 check_image_embeds(embeds, 0, self.cfg.d_model, x.device, what=modality)
         return self.hook_embed(x)
 
-    def _scatter(self, x: Tensor, input_ids: Tensor, vis: VisualInput, given: Tensor | None) -> Tensor:
-        """``x`` with one modality's features (computed unless given) in its placeholders."""
+    def _scatter(self, x: Tensor, inputs: PreparedInputs, vis: VisualInput, given: Tensor | None) -> Tensor:
+        """``x`` with one modality's features (computed unless given) in its placeholders;
+        when ``image_cells`` removed tokens, the hooked whole-image features are then
+        narrowed to the kept cells."""
         hook = getattr(self, f"hook_{vis.modality}_embeds")
         if given is None:
             feats = self._encode(vis.encoder_kwargs).to(x.dtype)
-        else:
-            check_image_embeds(given, vis.n_tokens, self.cfg.d_model, x.device, what=vis.modality)
+        else:  # the whole images' features, also when image_cells keep only some cells
+            check_image_embeds(given, vis.n_features, self.cfg.d_model, x.device, what=vis.modality)
             feats = given.to(x.dtype)
             if feats is given and hook.is_observed():
                 feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
         feats = hook(feats)
+        spans = [s for s in inputs.spans if s.modality == vis.modality]
+        if any(s.cells is not None for s in spans):
+            feats = feats[kept_feature_index(spans, feats.shape[0]).to(feats.device)]
+        input_ids = inputs.input_ids
         mask = (input_ids == vis.token_id).unsqueeze(-1)
         if feats.numel() != int(mask.sum()) * x.shape[-1]:
             raise ValueError(f"{vis.modality} features hold {feats.numel() // x.shape[-1]} token vectors but the "

@@ -84,6 +84,10 @@ class ImageSpan:
         views: the grids of an image laid out as several (anyres); empty for one grid.
             Tokens in no view (a CLS token kept by ``vision_feature_select_strategy="full"``)
             have no cell.
+        cells: None when the span holds every cell of the grid (the usual case). For an
+            image some of whose tokens were removed from the sequence (`HookedVLM.forward`
+            ``image_cells``; one-grid images only), the row-major cell index of each
+            token, increasing: token ``start + i`` is cell ``cells[i]``.
     """
 
     image: int
@@ -93,10 +97,25 @@ class ImageSpan:
     grid: tuple[int, int, int]
     modality: str = "image"
     views: tuple[GridView, ...] = ()
+    cells: tuple[int, ...] | None = None
 
     @property
     def n_tokens(self) -> int:
         return self.stop - self.start
+
+    @property
+    def n_cells(self) -> int:
+        """The number of vision feature vectors of the image: its grid's cells (``t*h*w``)
+        for a one-grid image (also when ``cells`` keep only some), else its tokens."""
+        if self.views:
+            return self.n_tokens
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def cell_ids(self) -> tuple[int, ...]:
+        """The row-major grid cell of each token of the span (one-grid images)."""
+        return self.cells if self.cells is not None else tuple(range(self.n_tokens))
 
     @property
     def grid_views(self) -> tuple[GridView, ...]:
@@ -125,17 +144,18 @@ class ImageLayout:
 def span_cells(span: ImageSpan) -> dict[str, Tensor]:
     """Every token's cell: ``{"t", "tile", "row", "col"}`` long tensors ``[n_tokens]``
     (-1 for a token in no cell: a newline or a CLS token) and ``"newline"`` (bool).
-    ``row``/``col`` are within the token's tile (the whole grid for a one-grid image)."""
+    ``row``/``col`` are within the token's tile (the whole grid for a one-grid image; for
+    a span with ``cells``, the cells of the tokens that are left)."""
     n = span.n_tokens
     out = {k: torch.full((n,), -1, dtype=torch.long) for k in ("t", "tile", "row", "col")}
     out["newline"] = torch.zeros(n, dtype=torch.bool)
     for v in span.grid_views:
         t, h, w = v.grid
         width = w + int(v.newline)
-        i = torch.arange(v.n_tokens)
+        i = torch.arange(v.n_tokens) if span.cells is None else torch.tensor(span.cells, dtype=torch.long)
         tt, r, c = i // (h * width), (i // width) % h, i % width
         cell = c < w
-        pos = v.offset + i
+        pos = v.offset + torch.arange(len(i))
         out["newline"][pos[~cell]] = True
         pos, tt, r, c = pos[cell], tt[cell], r[cell], c[cell]
         out["t"][pos] = tt
@@ -178,6 +198,7 @@ def find_image_spans(
     key_padding: Bool[Tensor, "batch pos"] | None = None,
     *,
     modality: str = "image",
+    cells: list[tuple[int, ...]] | None = None,
 ) -> list[ImageSpan]:
     """Split the ``image_token_id`` runs of ``input_ids`` into one span per grid (or
     `ImageLayout`), in order.
@@ -185,18 +206,28 @@ def find_image_spans(
     A run of adjacent image tokens may hold several images back to back; grids are
     consumed in order and must tile every run exactly. Raises ValueError naming the
     mismatch otherwise. ``modality`` names the spans (``"video"`` for video tokens).
+    ``cells`` (see `check_image_cells`): per image, the grid cells its tokens stand for
+    when some were removed; image ``k`` then has ``len(cells[k])`` tokens.
     """
     layouts = [ImageLayout.of(g, modality) for g in grids]
     what = modality
     is_image = (input_ids == image_token_id).cpu()
     n_tokens = int(is_image.sum())
-    expected = sum(lay.n_tokens for lay in layouts)
+    if cells is not None:
+        if any(lay.views for lay in layouts):
+            raise NotImplementedError(
+                "image_cells (image tokens removed from the sequence) needs one-grid images; these "
+                "images' tokens form several grids (anyres tiles, newline or CLS tokens)")
+        cells = check_image_cells(cells, [lay.grid for lay in layouts])
+    sizes = [lay.n_tokens for lay in layouts] if cells is None else [len(c) for c in cells]
+    expected = sum(sizes)
     if n_tokens != expected:
         shown = [lay.grid if not lay.views else f"{lay.n_tokens} tokens" for lay in layouts]
+        kept = "" if cells is None else f", of which image_cells keep {sizes}"
         raise ValueError(
             f"input_ids hold {n_tokens} {what} tokens (id {image_token_id}) but the "
             f"{len(layouts)} {what}(s) give {expected} features "
-            f"(merged grids {shown}); the prompt and the {what}s do not match"
+            f"(merged grids {shown}{kept}); the prompt and the {what}s do not match"
         )
     spans: list[ImageSpan] = []
     k = 0
@@ -205,13 +236,14 @@ def find_image_spans(
             pos = start
             while pos < stop:
                 lay = layouts[k]
-                n = lay.n_tokens
+                n = sizes[k]
                 if pos + n > stop:
                     raise ValueError(
                         f"{what} {k} (merged grid {lay.grid}, {n} tokens) does not fit the run of "
                         f"{stop - start} {what} tokens at row {row}, positions {start}..{stop - 1}"
                     )
-                spans.append(ImageSpan(k, row, pos, pos + n, lay.grid, modality=lay.modality, views=lay.views))
+                spans.append(ImageSpan(k, row, pos, pos + n, lay.grid, modality=lay.modality, views=lay.views,
+                                       cells=None if cells is None else cells[k]))
                 pos += n
                 k += 1
     if key_padding is not None:
@@ -220,3 +252,59 @@ def find_image_spans(
             if bool(pad[s.row, s.start:s.stop].any()):
                 raise ValueError(f"attention_mask marks tokens of {s.modality} {s.image} (row {s.row}) as padding")
     return spans
+
+
+def check_image_cells(cells, grids: list[tuple[int, int, int]]) -> list[tuple[int, ...]]:
+    """Validate ``image_cells``: one entry per image (feature order), each a 1-D sequence
+    of increasing, distinct row-major cell indices of that image's merged grid, at least one.
+    Returns them as tuples of ints."""
+    if isinstance(cells, Tensor) or not hasattr(cells, "__len__"):
+        raise TypeError("image_cells must be a list with one sequence of cell indices per image")
+    if len(cells) != len(grids):
+        raise ValueError(f"image_cells has {len(cells)} entries but the batch has {len(grids)} image(s)")
+    out = []
+    for k, (c, (t, h, w)) in enumerate(zip(cells, grids)):
+        ids = c.tolist() if isinstance(c, Tensor) else list(c)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"image_cells[{k}] must hold integer cell indices, got {ids[:4]}...")
+        n = t * h * w
+        if not ids:
+            raise ValueError(f"image_cells[{k}] is empty: an image must keep at least one token "
+                             "(mask its tokens as keys instead to drop all of them)")
+        if any(b <= a for a, b in zip(ids, ids[1:])):
+            raise ValueError(f"image_cells[{k}] must be strictly increasing (tokens in grid order), got {ids}")
+        if ids[0] < 0 or ids[-1] >= n:
+            raise ValueError(f"image_cells[{k}] has a cell outside the image's {t}x{h}x{w} = {n}-cell grid")
+        out.append(tuple(ids))
+    return out
+
+
+def kept_feature_index(spans: list[ImageSpan], n_features: int) -> Int[Tensor, " kept"]:
+    """Rows of the whole images' vision features ``[sum of n_cells, d]`` (feature order)
+    that the tokens of ``spans`` take, in feature order."""
+    ordered = sorted(spans, key=lambda s: s.image)
+    total = sum(s.n_cells for s in ordered)
+    if total != n_features:
+        raise ValueError(f"the vision features hold {n_features} token vectors but the "
+                         f"{len(ordered)} image(s) have {total} grid cells")
+    index, offset = [], 0
+    for s in ordered:
+        index += [offset + c for c in s.cell_ids]
+        offset += s.n_cells
+    return torch.tensor(index, dtype=torch.long)
+
+
+def check_one_grid_images(spans: list[ImageSpan], what: str) -> None:
+    """Raise NotImplementedError naming why ``what`` (an analysis or intervention that
+    removes or ranks image tokens by grid cell) cannot run on these spans: a video (its
+    tokens are not images: ``image_cells`` index images only) or an image laid out as
+    several grids (LLaVA-NeXT / OneVision anyres tiles and newline tokens, a kept CLS token)."""
+    for s in spans:
+        if s.modality != "image":
+            raise NotImplementedError(f"{what} handles images only; the batch holds a {s.modality} "
+                                      f"(row {s.row}, positions {s.start}..{s.stop - 1})")
+        if s.views:
+            raise NotImplementedError(
+                f"{what} needs one-grid images; image {s.image} (row {s.row}) is laid out as "
+                f"{len(s.views)} views ({', '.join(v.name for v in s.views)}: anyres tiles, newline or CLS "
+                "tokens), whose tokens cannot be removed as cells of one grid")

@@ -100,7 +100,8 @@ class TokenRoles:
     order; on video tokens the video's index among the videos), ``grid_t`` (the frame:
     temporal patch of a video), ``grid_tile`` (0 for a one-grid image and for the anyres
     overview, ``k >= 1`` for the k-th anyres tile, row-major, the order of the tiles in
-    ``pixel_values``), ``grid_row``, ``grid_col`` (within the tile; on the merged grid).
+    ``pixel_values``), ``grid_row``, ``grid_col`` (within the tile; on the merged grid; for
+    an image some of whose tokens were removed, the cells of the tokens that are left).
     Newline tokens (and a kept CLS token) have an ``image_index`` but no cell (-1).
 
     ``missing``: role name -> why this model has no such role (see the module doc).

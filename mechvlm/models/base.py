@@ -40,14 +40,16 @@ class VisualInput:
         modality: ``"image"`` or ``"video"``; the features pass ``hook_{modality}_embeds``.
         token_id: the placeholder id the features replace, in sequence order.
         encoder_kwargs: the keyword arguments of the family's vision encoder
-            (``model.vision(**encoder_kwargs)`` returns ``[n_tokens, d_model]``).
-        n_tokens: how many placeholder tokens (= feature vectors) there are.
+            (``model.vision(**encoder_kwargs)`` returns ``[n_features, d_model]``).
+        n_features: how many feature vectors the encoder returns: the placeholder tokens,
+            or, when ``image_cells`` removed some, the whole images' cells
+            (`ImageSpan.n_cells`); the kept cells' features are then selected.
     """
 
     modality: str
     token_id: int
     encoder_kwargs: dict
-    n_tokens: int
+    n_features: int
 
 
 @dataclass
@@ -115,15 +117,16 @@ class ModelFamily(ABC):
     # --- inputs ----------------------------------------------------------------------
     @abstractmethod
     def image_spans(self, cfg: VLMConfig, input_ids: Tensor, image_grid_thw: Tensor | None,
-                    key_padding: Tensor | None, **visual) -> list[ImageSpan]:
+                    key_padding: Tensor | None, image_cells=None, **visual) -> list[ImageSpan]:
         """The images' (and videos') token spans from ``input_ids`` and the grids / image
-        sizes in ``visual`` (`VISUAL_INPUTS`), without pixels."""
+        sizes in ``visual`` (`VISUAL_INPUTS`), without pixels. ``image_cells``: see
+        `HookedVLM.forward` (images with removed tokens; None: every token is there)."""
 
     @abstractmethod
     def prepare_inputs(
         self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
         image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,
-        token_type_ids: Tensor | None = None, **visual,
+        token_type_ids: Tensor | None = None, image_cells=None, **visual,
     ) -> PreparedInputs:
         """Validate the inputs; find padding, image spans, positions and (Gemma3) blocks.
 
@@ -131,6 +134,9 @@ class ModelFamily(ABC):
         only checked against what ``input_ids`` imply; families that do not use it raise.
         ``visual``: the `VISUAL_INPUTS` given (None values mean absent); a family raises
         for one it does not use.
+        ``image_cells`` (optional): per image, the grid cells of the tokens left in
+        ``input_ids`` when some were removed; positions are those the family assigns to a
+        sequence holding only these tokens (see each family's ``prepare_inputs``).
         """
 
 

@@ -128,21 +128,26 @@ class LlavaFamily(ModelFamily):
         grid = (1, n, n)
         return ImageLayout(n * n + cls, grid, (GridView(int(cls), grid, name="base"),) if cls else ())
 
-    def image_layouts(self, cfg: VLMConfig, input_ids: Tensor, **visual) -> list[ImageLayout]:
-        """The token layout of every image of the batch (feature order), without pixels."""
+    def image_layouts(self, cfg: VLMConfig, input_ids: Tensor, image_cells=None, **visual) -> list[ImageLayout]:
+        """The token layout of every image of the batch (feature order), without pixels
+        (with ``image_cells``, one per entry: the tokens left no longer count the images)."""
         layout = self.tile_layout(cfg)
+        if image_cells is not None and hasattr(image_cells, "__len__"):
+            return [layout] * len(image_cells)
         n_tokens = int((input_ids == cfg.image_token_id).sum())
         if n_tokens % layout.n_tokens:
             raise ValueError(f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}), not a whole "
                              f"number of images of {layout.n_tokens} tokens")
         return [layout] * (n_tokens // layout.n_tokens)
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, **visual) -> list[ImageSpan]:
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None, **visual) -> list[ImageSpan]:
+        """See `ModelFamily.image_spans`; ``image_cells`` needs one-grid images (LLaVA-1.5
+        without the CLS token): anyres images raise NotImplementedError."""
         reject_unused(visual, self.name, self.visual_inputs)
         if image_grid_thw is not None:
             raise ValueError(f"image_grid_thw is not used by {self.name}; drop it")
-        return find_image_spans(input_ids, cfg.image_token_id, self.image_layouts(cfg, input_ids, **visual),
-                                key_padding)
+        layouts = self.image_layouts(cfg, input_ids, image_cells=image_cells, **visual)
+        return find_image_spans(input_ids, cfg.image_token_id, layouts, key_padding, cells=image_cells)
 
     def check_pixels(self, cfg: VLMConfig, pixel_values: Tensor, spans: list[ImageSpan], **visual) -> None:
         size = cfg.extra["tile_pixels"]
@@ -153,13 +158,16 @@ class LlavaFamily(ModelFamily):
                              f"{len(spans)} image(s)")
 
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None, **visual):
+                       token_type_ids=None, image_cells=None, **visual):
+        """See `ModelFamily.prepare_inputs`. Positions are 1-D over the real tokens, so with
+        ``image_cells`` they are those of the shorter sequence (the text after a pruned
+        image moves up), as in Gemma3."""
         if token_type_ids is not None:
             raise ValueError(f"token_type_ids is not used by {self.name} (it is a Gemma3 input); drop it")
         check_input_ids(input_ids)
         input_ids = input_ids.to(device)
         key_padding = padding_from_attention_mask(attention_mask, input_ids, device)
-        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, **visual)
+        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells, **visual)
         visual_inputs = []
         if spans:
             if pixel_values is None:
@@ -168,7 +176,7 @@ class LlavaFamily(ModelFamily):
             self.check_pixels(cfg, pixel_values, spans, **visual)
             kwargs = {"pixel_values": pixel_values, **{k: visual[k] for k in self.visual_inputs
                                                        if visual.get(k) is not None}}
-            visual_inputs.append(VisualInput("image", cfg.image_token_id, kwargs, sum(s.n_tokens for s in spans)))
+            visual_inputs.append(VisualInput("image", cfg.image_token_id, kwargs, sum(s.n_cells for s in spans)))
         elif pixel_values is not None:
             raise ValueError(f"pixel_values given but input_ids hold no image token (id {cfg.image_token_id})")
         positions = real_token_positions(key_padding, input_ids.shape).to(device)

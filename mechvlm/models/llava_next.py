@@ -102,7 +102,7 @@ class LlavaNextFamily(LlavaFamily):
         """Whether each image is tiled (always, in LLaVA-NeXT)."""
         return [True] * n_images
 
-    def image_layouts(self, cfg: VLMConfig, input_ids: Tensor, **visual) -> list[ImageLayout]:
+    def image_layouts(self, cfg: VLMConfig, input_ids: Tensor, image_cells=None, **visual) -> list[ImageLayout]:
         sizes = _sizes(visual.get("image_sizes"), int((input_ids == cfg.image_token_id).sum()), cfg.image_token_id)
         patched = self.patched(cfg, len(sizes), **visual)
         return [anyres_layout(cfg, s, patched=p, max_patches=cfg.extra.get("max_patches"))

@@ -42,7 +42,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                              "(image_sizes rows)")
         return [n == 1 for n in counts for _ in range(n)]
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, **visual):
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None, **visual):
         if visual.get("pixel_values_videos") is not None or visual.get("video_grid_thw") is not None:
             raise NotImplementedError(f"mechvlm's {self.name} does not support video inputs")
         video = cfg.extra.get("unsupported_video_token_id")
@@ -50,7 +50,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             raise NotImplementedError(f"input_ids contain video tokens (id {video}); mechvlm's {self.name} "
                                       "supports images only")
         try:
-            spans = super().image_spans(cfg, input_ids, image_grid_thw, key_padding, **visual)
+            spans = super().image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells, **visual)
         except ValueError as e:
             if visual.get("batch_num_images") is None and "do not match" in str(e):
                 raise ValueError(f"{e}. (Rows with several images use the overview only when batch_num_images "

@@ -128,7 +128,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             grids.append((t, h // m, w // m))
         return grids
 
-    def _modality_spans(self, cfg, input_ids, key_padding, grid_thw, *, modality: str) -> list[ImageSpan]:
+    def _modality_spans(self, cfg, input_ids, key_padding, grid_thw, *, modality: str, cells=None) -> list[ImageSpan]:
         token_id = cfg.image_token_id if modality == "image" else cfg.video_token_id
         name = f"{modality}_grid_thw"
         if grid_thw is None:
@@ -141,15 +141,20 @@ class Qwen2_5_VLFamily(ModelFamily):
                 )
             return []
         return find_image_spans(input_ids, token_id, self.merged_grids(cfg, grid_thw, name, modality), key_padding,
-                                modality=modality)
+                                modality=modality, cells=cells)
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, **visual) -> list[ImageSpan]:
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None, **visual) -> list[ImageSpan]:
+        """The image spans, then the video spans; ``image_cells`` applies to the images only."""
         reject_unused(visual, "Qwen2.5-VL", _VIDEO_INPUTS)
-        return (self._modality_spans(cfg, input_ids, key_padding, image_grid_thw, modality="image")
+        return (self._modality_spans(cfg, input_ids, key_padding, image_grid_thw, modality="image", cells=image_cells)
                 + self._modality_spans(cfg, input_ids, key_padding, visual.get("video_grid_thw"), modality="video"))
 
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None, **visual):
+                       token_type_ids=None, image_cells=None, **visual):
+        """See `ModelFamily.prepare_inputs`. With ``image_cells``, each kept image token keeps
+        the mRoPE position of its grid cell and the text after the image keeps its positions
+        (the grid still advances the position by ``max(h, w)``): removing a token changes
+        nothing else, as masking it as a key would. Videos keep all their tokens."""
         if token_type_ids is not None:
             raise ValueError("token_type_ids is not used by Qwen2.5-VL (it is a Gemma3 input); drop it")
         reject_unused(visual, "Qwen2.5-VL", _VIDEO_INPUTS)
@@ -159,14 +164,14 @@ class Qwen2_5_VLFamily(ModelFamily):
         video_grid_thw, pixel_values_videos = visual.get("video_grid_thw"), visual.get("pixel_values_videos")
         _check_patches(pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
         _check_patches(pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw")
-        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, video_grid_thw=video_grid_thw)
+        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells, video_grid_thw=video_grid_thw)
         videos = [s for s in spans if s.modality == "video"]
         steps = video_time_steps(cfg.extra["tokens_per_second"], visual.get("second_per_grid_ts"), len(videos))
         position_ids = mrope_position_ids(input_ids.shape, spans, key_padding,
                                           {s: steps[s.image] for s in videos}).to(device)
         inputs = []
         for modality, pv, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
-            n = sum(s.n_tokens for s in spans if s.modality == modality)
+            n = sum(s.n_cells for s in spans if s.modality == modality)
             if n:
                 token_id = cfg.image_token_id if modality == "image" else cfg.video_token_id
                 inputs.append(VisualInput(modality, token_id, {"pixel_values": pv, "image_grid_thw": grid}, n))
@@ -210,7 +215,8 @@ def mrope_position_ids(
     ``H = p + row``, ``W = p + col`` (row-major), then ``p += max(h, w)``. A video span
     in ``time_steps`` (span -> step, see `video_time_steps`) gets ``T = p +
     long(t_idx * step)`` instead. Padding positions stay 0. The end-of-image token is
-    ordinary text.
+    ordinary text. A span holding some cells only (``ImageSpan.cells``) gives its tokens
+    the positions of those cells.
     """
     time_steps = time_steps or {}
     batch, seq = shape
@@ -228,7 +234,10 @@ def mrope_position_ids(
             t, h, w = s.grid
             frames = torch.arange(t) if s not in time_steps else (torch.arange(t) * time_steps[s]).long()
             tt, hh, ww = torch.meshgrid(frames, torch.arange(h), torch.arange(w), indexing="ij")
-            rows[:, start:start + s.n_tokens] = torch.stack([tt, hh, ww]).reshape(3, -1) + p
+            grid_pos = torch.stack([tt, hh, ww]).reshape(3, -1)
+            if s.cells is not None:
+                grid_pos = grid_pos[:, list(s.cells)]
+            rows[:, start:start + s.n_tokens] = grid_pos + p
             p += max(h, w)
             cursor = start + s.n_tokens
         rows[:, cursor:] = torch.arange(len(real_pos) - cursor) + p

@@ -41,7 +41,7 @@ from mechvlm.viz.text import plain
 
 __all__ = ["QWEN_PATCH", "ImagePanel", "received_per_position", "image_panels", "image_grids",
            "model_pixel_size", "resize_to_grid", "heat_pixels", "overlay", "attention_on_image",
-           "attention_on_image_html", "attention_on_image_layers"]
+           "attention_on_image_html", "attention_on_image_layers", "grids_on_image"]
 
 QWEN_PATCH = 14
 _LLAVA = ("llava", "llava_next", "llava_onevision")
@@ -126,7 +126,12 @@ def image_panels(values, roles: TokenRoles, *, batch_index: int = 0, frames: str
             t, h, w = view.grid
             if h * w == 0:  # a lone newline token
                 continue
-            g = v[view_positions(s, view)].numpy()
+            if s.cells is None:
+                g = v[view_positions(s, view)].numpy()
+            else:  # some tokens were removed (image_cells): 0 on their cells
+                g = np.zeros(t * h * w)
+                g[list(s.cells)] = v[s.start:s.stop].numpy()
+                g = g.reshape(t, h, w)
             if mode == "each" and t > 1:
                 out += [ImagePanel(s, view, f, g[f]) for f in range(t)]
             else:
@@ -282,9 +287,6 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     one panel per video; a video in ``images`` may be given as its list of frames); two
     per anyres image (overview, tiles), see `image_panels`. Six panels per figure row.
     """
-    import matplotlib.cm
-    import matplotlib.pyplot as plt
-
     src = torch.as_tensor(source) if isinstance(source, (np.ndarray, list)) else source
     if _is_values(src, roles):
         values = src
@@ -298,15 +300,49 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     panels = image_panels(values, roles, batch_index=batch_index, frames=frames)
     if not panels:
         raise ValueError(f"row {batch_index} holds no image")
+    lay = f"Layer {layer}: " if layer is not None else ""
+    return grids_on_image(panels, images, cfg=cfg, cmap=cmap, alpha=alpha, share_scale=share_scale,
+                          show_grid=show_grid, min_side=min_side, size=size,
+                          title=title if title is not None else plain(f"{lay}{what}"))
+
+
+def grids_on_image(grids: list[ImagePanel | tuple[ImageSpan, np.ndarray]], images=None, *, cfg=None,
+                   cmap="inferno", alpha: float = 0.55, share_scale: bool = True, show_grid: bool = False,
+                   min_side: int = 224, size: float = 3.6, title: str | None = None, vmin: float | None = 0.0,
+                   vmax: float | None = None, labels: list[str] | None = None, panel_titles: list[str] | None = None):
+    """Values on image grids drawn over the images, one panel per grid: `ImagePanel`s (see
+    `image_panels`: views of anyres images, video frames) or ``(span, array [h, w])`` pairs
+    (the span's first view); the placement `attention_on_image` uses (each image resized to
+    the processor's size, `model_pixel_size`). ``images``: one per distinct span, as in
+    `attention_on_image`. ``vmin`` / ``vmax``: the colour range (None: the values' min /
+    max over the shared panels; NaN cells are left transparent). ``labels``: the grid holds
+    integer codes ``0 .. len(labels) - 1`` (categories), shown with a discrete colour bar
+    (``cmap``: a list of colours, one per label; default tab10's).
+    ``panel_titles`` replace the default "image k: h×w tokens". Six panels per figure row.
+    Returns a Figure."""
+    import matplotlib.cm
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    if not grids:
+        raise ValueError("no image grid to draw")
+    panels = [p if isinstance(p, ImagePanel) else ImagePanel(p[0], p[0].grid_views[0], None, np.asarray(p[1]))
+              for p in grids]
     spans = list(dict.fromkeys(p.span for p in panels))
     imgs = dict(zip(spans, _images_for(spans, images)))
-    vmax_all = max(float(p.grid.max()) for p in panels)
+    finite = [p.grid[np.isfinite(p.grid)] for p in panels]
+    if labels is not None:
+        vmin, vmax = -0.5, len(labels) - 0.5
+        colors = cmap if isinstance(cmap, (list, tuple)) else matplotlib.colormaps["tab10"].colors[:len(labels)]
+        cmap = matplotlib.colors.ListedColormap(list(colors))
+    vmin_all = min((float(f.min()) for f in finite if f.size), default=0.0)
+    vmax_all = max((float(f.max()) for f in finite if f.size), default=1.0)
     ncols = min(len(panels), 6)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.8, size * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
-    for ax, panel in zip(axes.flat, panels):
+    for i, (ax, panel) in enumerate(zip(axes.flat, panels)):
         g, img = panel.grid, imgs[panel.span]
         H, W = model_pixel_size(panel.span, cfg, panel.view)
         k = max(1, -(-min_side // max(H, W)))
@@ -314,10 +350,13 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
             ax.imshow(_shown_image(img, panel, cfg, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
         else:
             ax.imshow(np.zeros((H, W, 3), np.uint8), extent=(0, W, H, 0))
-        vmax = (vmax_all if share_scale else float(g.max())) or 1.0
-        im = ax.imshow(g, extent=(0, W, H, 0), cmap=cmap, alpha=alpha if img is not None else 1.0,
-                       vmin=0.0, vmax=vmax,
-                       interpolation="nearest")
+        f = g[np.isfinite(g)]
+        lo = vmin if vmin is not None else (vmin_all if share_scale else float(f.min()) if f.size else 0.0)
+        hi = vmax if vmax is not None else (vmax_all if share_scale else float(f.max()) if f.size else 1.0)
+        if hi <= lo:
+            hi = lo + 1.0
+        im = ax.imshow(np.ma.masked_invalid(g), extent=(0, W, H, 0), cmap=cmap,
+                       alpha=alpha if img is not None else 1.0, vmin=lo, vmax=hi, interpolation="nearest")
         if show_grid:
             h, w = g.shape
             for r in range(1, h):
@@ -328,11 +367,13 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         ax.set_ylim(H, 0)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(panel.title, fontsize=9)
+        ax.set_title(panel_titles[i] if panel_titles is not None else panel.title, fontsize=9)
         opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
-        fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
-    lay = f"Layer {layer}: " if layer is not None else ""
-    fig.suptitle(title if title is not None else plain(f"{lay}{what}"), fontsize=10)
+        bar = fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
+        if labels is not None:
+            bar.set_ticks(range(len(labels)), labels=labels)
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
