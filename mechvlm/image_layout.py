@@ -294,12 +294,15 @@ def kept_feature_index(spans: list[ImageSpan], n_features: int) -> Int[Tensor, "
     return torch.tensor(index, dtype=torch.long)
 
 
-def check_one_grid_images(spans: list[ImageSpan], what: str) -> None:
+def check_one_grid_images(spans: list[ImageSpan], what: str, *, videos_allowed: bool = False) -> None:
     """Raise NotImplementedError naming why ``what`` (an analysis or intervention that
     removes or ranks image tokens by grid cell) cannot run on these spans: a video (its
-    tokens are not images: ``image_cells`` index images only) or an image laid out as
-    several grids (LLaVA-NeXT / OneVision anyres tiles and newline tokens, a kept CLS token)."""
+    tokens are not images: ``image_cells`` index images only; ``videos_allowed``: the
+    videos are left alone) or an image laid out as several grids (LLaVA-NeXT / OneVision
+    anyres tiles and newline tokens, a kept CLS token)."""
     for s in spans:
+        if s.modality != "image" and videos_allowed:
+            continue
         if s.modality != "image":
             raise NotImplementedError(f"{what} handles images only; the batch holds a {s.modality} "
                                       f"(row {s.row}, positions {s.start}..{s.stop - 1})")
