@@ -15,7 +15,7 @@ from mechvlm.analyses import token_budget
 from mechvlm.interventions import mask_image_keys, remove_image_tokens
 from mechvlm.synthetic import LLAVA_IDS, QWEN_IDS
 from test_qwen_video import hf_kw, video_batch
-from test_token_pruning import _random_drop, _shorter_rows
+from test_token_pruning import _random_drop, _shorter_positions, _shorter_rows
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 TOL = 1e-4
@@ -40,9 +40,7 @@ def test_removed_qwen_image_next_to_a_video_equals_hf(qwen_hf, qwen_model):
                                                batch["video_grid_thw"], second_per_grid_ts=[0.5],
                                                attention_mask=batch["attention_mask"])
     new_ids, new_mask, cols = _shorter_rows(ids, real, drop, QWEN_IDS["pad"])
-    pos = torch.zeros(3, *new_ids.shape, dtype=torch.long)
-    for r, c in enumerate(cols):
-        pos[:, r, new_ids.shape[1] - len(c):] = full_pos[:, r, c]
+    pos = _shorter_positions(full_pos, new_ids, cols)
     with torch.no_grad():
         img = torch.cat(qwen_hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         vid = torch.cat(qwen_hf.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
