@@ -123,3 +123,27 @@ def test_analyses_refuse_videos_and_anyres_images_by_name(qwen_model):
         remove_image_tokens(nb, nroles, nroles.image & (nroles.grid_row == 0))
     with pytest.raises(NotImplementedError, match="image_cells .* needs one-grid images"):
         model(**nb, image_cells=[[0, 1]])
+
+
+def test_contribution_and_categories_on_llava_and_refused_on_video(llava, qwen_model):
+    from mechvlm.analyses import embedlens_categories, massive_activation_categories, token_contribution
+
+    hf, model = llava
+    batch = llava_batch(hf, [[3, "image", 4, 2]], seed=8)
+    target = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    target[:, -2:] = True
+    n = hf.config.vision_config.image_size // hf.config.vision_config.patch_size
+    res = token_contribution(model, (batch, target), unit="token", progress=False)
+    assert tuple(res.maps[0].shape) == (1, n, n) and res.maps[0].abs().max() > 0
+    cats = embedlens_categories(model, batch, sink_ids=[1], dead_ids=[LLAVA_IDS["pad"]], progress=False)
+    assert cats.category[0].shape == (n * n,)
+    massive = massive_activation_categories(model, batch, threshold=5.0, first_layer=1, progress=False)
+    assert massive.category[0].shape == (n * n,)
+
+    video = video_batch([[2, ("video", 2, 4, 4), 3]], seed=1)
+    vt = torch.zeros_like(video["input_ids"], dtype=torch.bool)
+    vt[:, -2:] = True
+    with pytest.raises(NotImplementedError, match="token_contribution handles images only"):
+        token_contribution(qwen_model, (video, vt), progress=False)
+    with pytest.raises(NotImplementedError, match="embedlens_categories handles images only"):
+        embedlens_categories(qwen_model, video, sink_ids=[1], dead_ids=[0], progress=False)
