@@ -147,3 +147,23 @@ def test_contribution_and_categories_on_llava_and_refused_on_video(llava, qwen_m
         token_contribution(qwen_model, (video, vt), progress=False)
     with pytest.raises(NotImplementedError, match="embedlens_categories handles images only"):
         embedlens_categories(qwen_model, video, sink_ids=[1], dead_ids=[0], progress=False)
+
+
+def test_kv_probes_and_tracing_groups_on_llava_and_refused_on_video(llava, qwen_model):
+    from mechvlm.analyses import image_kv
+    from mechvlm.analyses.causal_tracing import default_groups
+
+    hf, model = llava
+    batch = llava_batch(hf, [[3, "image", 4, 2]], seed=8)
+    n = hf.config.vision_config.image_size // hf.config.vision_config.patch_size
+    kv = image_kv(model, batch, layers=[0], progress=False)
+    assert kv.grid("key", 0, 0).shape[:2] == (n, n)
+    groups = default_groups(model.roles(**batch))
+    assert "eoi" not in groups  # LLaVA has no EOI: no empty group tracing to a plausible 0
+    assert sum(int(groups[f"image row {r}"].sum()) for r in range(n)) == n * n
+
+    video = video_batch([[2, ("video", 2, 4, 4), 3]], seed=1)
+    with pytest.raises(NotImplementedError, match="image_kv handles images only"):
+        image_kv(qwen_model, video, layers=[0], progress=False)
+    with pytest.raises(NotImplementedError, match="default groups .* handles images only"):
+        default_groups(qwen_model.roles(**video))

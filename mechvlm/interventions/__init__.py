@@ -6,6 +6,7 @@ via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
 
 from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
 from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.by_row import ablate_head_outputs, ablate_image_kv, replace_where
 from mechvlm.interventions.injection import inject_at_layer
 from mechvlm.interventions.pruning import PrunedBatch, mask_image_keys, remove_image_tokens
 from mechvlm.interventions.registers import insert_registers, register_mask
@@ -13,7 +14,9 @@ from mechvlm.interventions.registers import insert_registers, register_mask
 __all__ = [
     "KNOCKOUT_MODES",
     "PrunedBatch",
+    "ablate_head_outputs",
     "ablate_heads",
+    "ablate_image_kv",
     "inject_at_layer",
     "insert_registers",
     "knockout",
@@ -22,5 +25,6 @@ __all__ = [
     "patch_activations",
     "register_mask",
     "remove_image_tokens",
+    "replace_where",
     "skip_sublayers",
 ]

@@ -88,3 +88,7 @@ from . import logit_lens as _logit_lens  # noqa: E402,F401
 from . import token_budget as _token_budget  # noqa: E402,F401
 from . import token_categories as _token_categories  # noqa: E402,F401
 from . import token_contribution as _token_contribution  # noqa: E402,F401
+from . import kv_probes as _kv_probes  # noqa: E402,F401
+from . import key_artifacts as _key_artifacts  # noqa: E402,F401
+from . import head_attribution as _head_attribution  # noqa: E402,F401
+from . import causal_tracing as _causal_tracing  # noqa: E402,F401
