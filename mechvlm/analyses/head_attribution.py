@@ -37,6 +37,7 @@ from torch import Tensor
 from mechvlm.analyses.estimators import bootstrap, r_squared, ridge_fit, single_thread
 from mechvlm.analyses.forward_rows import image_embeds, last_positions, logits_at, repeat_batch
 from mechvlm.analyses.kv_baseline import image_kv_means, place_baseline
+from mechvlm.distributed import fingerprint_of, map_units
 from mechvlm.interventions import ablate_head_outputs, ablate_image_kv, mean_head_outputs
 from mechvlm.metrics._common import Batch
 
@@ -202,31 +203,36 @@ def _as_list(x, n: int, name: str) -> list | None:
 
 def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask layer unit"], ablator: HeadAblator, *,
                    targets=None, foils=None, metric: str = "logit", masks_per_forward: int = 32,
-                   progress: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
+                   progress: bool = True, journal=None) -> tuple[Tensor, Tensor, Tensor, int]:
     """``(drops [mask, example], clean [example], targets [example], n_forwards)``: every
-    mask on every example, ``masks_per_forward`` masks per forward."""
+    mask on every example, ``masks_per_forward`` masks per forward.
+
+    One unit of `mechvlm.distributed.map_units` per batch: sharded over the ranks of an
+    initialised process group, and resumable with ``journal`` (a `mechvlm.journal.JournalTask`;
+    a batch's record is tied to the masks, targets and ablation settings, so another
+    setting is refused rather than read back)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "logit_diff" and foils is None:
         raise ValueError("metric='logit_diff' needs foils (one token id per example)")
-    n_ex = sum(int(b["input_ids"].shape[0]) for b in batches)
-    targets, foils = _as_list(targets, n_ex, "targets"), _as_list(foils, n_ex, "foils")
-    from tqdm.auto import tqdm
+    sizes = [int(b["input_ids"].shape[0]) for b in batches]
+    targets, foils = _as_list(targets, sum(sizes), "targets"), _as_list(foils, sum(sizes), "foils")
+    offsets = [sum(sizes[:i]) for i in range(len(batches))]
+    units = [(batch, None if targets is None else targets[at:at + ex], None if foils is None else foils[at:at + ex])
+             for batch, at, ex in zip(batches, offsets, sizes)]
+    setting = fingerprint_of([masks, metric, masks_per_forward, ablator.ablation, ablator.unit,
+                              ablator.baseline.to_dict() if ablator.ablation == "image_kv" else ablator.means])
 
-    n_chunks = -(-masks.shape[0] // masks_per_forward)
-    bar = tqdm(total=len(batches) * (n_chunks + 1), desc="head ablations", unit="forward", disable=not progress,
-               leave=False)
-    drops, cleans, tgts, n_forwards, seen = [], [], [], 0, 0
-    for batch in batches:
+    def one_batch(unit) -> dict:
+        batch, batch_targets, batch_foils = unit
         ex = int(batch["input_ids"].shape[0])
         emb = image_embeds(model, batch)
         last = last_positions(batch)
         make_hooks = ablator.for_batch(batch)
         clean_logits = logits_at(model, repeat_batch(batch, 1, emb), [], last)
-        n_forwards += 1
-        bar.update()
-        tgt = torch.tensor(targets[seen:seen + ex]) if targets else clean_logits.argmax(-1).cpu()
-        foil = torch.tensor(foils[seen:seen + ex]) if foils else None
+        n_forwards = 1
+        tgt = torch.tensor(batch_targets) if batch_targets else clean_logits.argmax(-1).cpu()
+        foil = torch.tensor(batch_foils) if batch_foils else None
         clean = _metric(clean_logits, tgt, foil, metric)
         out = []
         for start in range(0, masks.shape[0], masks_per_forward):
@@ -235,15 +241,14 @@ def ablation_drops(model, batches: Sequence[Batch], masks: Bool[Tensor, "mask la
             ablated = chunk.repeat_interleave(ex, dim=0)
             logits = logits_at(model, repeat_batch(batch, copies, emb), make_hooks(ablated), last.repeat(copies))
             n_forwards += 1
-            bar.update()
             value = _metric(logits, tgt.repeat(copies), None if foil is None else foil.repeat(copies), metric)
             out.append(clean[None] - value.view(copies, ex))
-        drops.append(torch.cat(out))
-        cleans.append(clean)
-        tgts.append(tgt)
-        seen += ex
-    bar.close()
-    return torch.cat(drops, 1), torch.cat(cleans), torch.cat(tgts), n_forwards
+        return {"drops": torch.cat(out), "clean": clean, "targets": tgt, "n_forwards": n_forwards}
+
+    parts = map_units(one_batch, units, fingerprint=lambda u: fingerprint_of([u, setting]), journal=journal,
+                      progress=progress, desc="head ablations")
+    return (torch.cat([p["drops"] for p in parts], 1), torch.cat([p["clean"] for p in parts]),
+            torch.cat([p["targets"] for p in parts]), sum(p["n_forwards"] for p in parts))
 
 
 def _attention_to_image(model, batches, unit: str) -> Tensor:
@@ -277,6 +282,7 @@ def head_attribution(
     attention: bool = True,
     seed: int = 0,
     progress: bool = True,
+    journal=None,
 ) -> HeadAttributionResult:
     """Head attribution by random joint ablations and a ridge fit (see the module doc).
 
@@ -292,6 +298,13 @@ def head_attribution(
         masks_per_forward: masks stacked in one forward (rows = masks x examples of a batch).
         ridge, test_fraction, n_bootstrap: the fit (`fit_head_attribution`).
         single_head, attention: also measure each head alone and its attention to the image.
+        journal: a `mechvlm.journal.JournalTask`: the ablation forwards of the batches it
+            holds are read back, the others computed and appended (a resumable run; the
+            single-head loop is its sub-task ``single``).
+
+    Under an initialised process group (``torchrun``) the batches of the ablation loops are
+    shared out over the ranks (`mechvlm.distributed.map_units`); every rank returns the
+    one-process result.
     """
     t0 = time.perf_counter()
     batches = [batches] if isinstance(batches, dict) else list(batches)
@@ -299,7 +312,8 @@ def head_attribution(
     ablator = HeadAblator(model, ablation, unit, reference, per_cell, progress)
     masks = sample_masks(n_masks, model.cfg.n_layers, ablator.n_units(), ablate_prob, seed)
     drops, clean, tgts, n_fwd = ablation_drops(model, batches, masks, ablator, targets=targets, foils=foils,
-                                               metric=metric, masks_per_forward=masks_per_forward, progress=progress)
+                                               metric=metric, masks_per_forward=masks_per_forward, progress=progress,
+                                               journal=journal)
     fit = fit_head_attribution(masks, drops.mean(1), ridge=ridge, test_fraction=test_fraction,
                                n_bootstrap=n_bootstrap, seed=seed)
     single = None
@@ -307,7 +321,7 @@ def head_attribution(
         eye = torch.eye(masks[0].numel(), dtype=torch.bool).view(-1, *masks.shape[1:])
         s_drops, _, _, n_single = ablation_drops(model, batches, eye, ablator, targets=tgts, foils=foils,
                                                  metric=metric, masks_per_forward=masks_per_forward,
-                                                 progress=progress)
+                                                 progress=progress, journal=journal and journal.sub("single"))
         single = s_drops.mean(1).view(masks.shape[1:]).float()
         n_fwd += n_single
     att = _attention_to_image(model, batches, unit) if attention else None

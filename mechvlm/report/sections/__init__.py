@@ -44,6 +44,11 @@ class ReportContext:
     label: str = ""  # the model's label on the page (its directory name)
     model_index: int = 0
     n_models: int = 1
+    journal: Any = None  # this model's scope of the run's journal (`mechvlm.report.resume`), or None
+
+    def journal_task(self, name: str):
+        """The journal task ``name`` for a section's loop (None without a journal)."""
+        return None if self.journal is None else self.journal.task(name)
 
 
 @dataclass(frozen=True)

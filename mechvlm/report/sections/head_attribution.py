@@ -28,7 +28,7 @@ def compute(ctx: ReportContext) -> HeadAttributionSection:
 
     batches = list(metric_batches(ctx.builder, ctx.items[:N_ITEMS], ctx.batch_size))
     res = head_attribution(ctx.model, batches, n_masks=N_MASKS, ablate_prob=0.25, masks_per_forward=16,
-                           progress=ctx.progress)
+                           progress=ctx.progress, journal=ctx.journal_task("head_attribution"))
     k = min(TOP_K, res.weights.numel())
     return HeadAttributionSection(res, top_vs_random_heads(ctx.model, batches, res, res.targets, k, n_random=5))
 
