@@ -45,6 +45,10 @@ class VLMConfig:
         bos_token_id, eos_token_id, pad_token_id: from the HF config (may be ``None``).
         spatial_merge_size: vision patches merged per side into one LM token (Qwen: 2).
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
+        registering: a Registering model's setting (seed 000 section 4), from the HF config's
+            ``registering`` entry that `mechvlm.training` writes (variant, registers, mask);
+            None for other models.
+        register_token_id: the id of its inserted register tokens (the ``register`` role).
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
@@ -79,6 +83,8 @@ class VLMConfig:
     pad_token_id: int | None = None
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
+    registering: dict | None = None
+    register_token_id: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     use_attn_result: bool = False

@@ -18,7 +18,7 @@ from torch import Tensor
 from mechvlm.config import VLMConfig
 from mechvlm.image_layout import ImageSpan
 
-ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real")
+ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real", "register")
 
 RoleSpec = str | Tensor | Iterable[str | Tensor]
 
@@ -33,11 +33,14 @@ class TokenRoles:
         image_start: the token right before each image run (``<|vision_start|>`` / BOI).
         prefix: real tokens before the first image (all real tokens of an image-free row).
         text: real tokens after the first image that are none of image / eoi /
-            image_start / bos. (Chat-template tokens after the image count as text.)
+            image_start / bos / register. (Chat-template tokens after the image count as text.)
         bos: a BOS token at the first real position.
         pad: padding (``attention_mask == 0``).
         last: the final real position of each row.
         real: every non-padding token.
+        register: the inserted register tokens of a Registering model (``cfg.register_token_id``,
+            seed 000 section 4); all False for other models. The EOI, which is a register
+            too, keeps its own role: registers of the mask are ``["eoi", "register"]``.
 
     Grid (-1 where not an image token): ``image_index`` (the image's index in feature
     order), ``grid_t``, ``grid_row``, ``grid_col`` on the merged grid.
@@ -57,6 +60,7 @@ class TokenRoles:
     grid_row: Int[Tensor, "batch pos"]
     grid_col: Int[Tensor, "batch pos"]
     spans: list[ImageSpan] = field(default_factory=list)
+    register: Bool[Tensor, "batch pos"] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -67,6 +71,8 @@ class TokenRoles:
         if isinstance(spec, str):
             if spec not in ROLE_NAMES:
                 raise ValueError(f"unknown token role {spec!r}; roles are {ROLE_NAMES} or a boolean mask")
+            if spec == "register" and self.register is None:
+                return torch.zeros_like(self.image)
             return getattr(self, spec)
         if isinstance(spec, Tensor):
             if spec.dtype != torch.bool:
@@ -88,7 +94,7 @@ class TokenRoles:
 
     def counts(self) -> dict[str, list[int]]:
         """Tokens per role and row (a quick sanity view)."""
-        return {r: getattr(self, r).sum(-1).tolist() for r in ROLE_NAMES}
+        return {r: self.mask(r).sum(-1).tolist() for r in ROLE_NAMES}
 
 
 def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
@@ -130,11 +136,13 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
     bos = real & (pos == first_real) & (ids == cfg.bos_token_id) if cfg.bos_token_id is not None \
         else torch.zeros_like(image)
     prefix = real & (pos < first)
-    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos
+    register = real & (ids == cfg.register_token_id) if cfg.register_token_id is not None \
+        else torch.zeros_like(image)
+    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos & ~register
     last = pos == torch.where(real, pos, -1).max(-1).values[:, None]
     dev = input_ids.device
     return TokenRoles(
         image=image.to(dev), eoi=eoi.to(dev), image_start=start.to(dev), prefix=prefix.to(dev),
         text=text.to(dev), bos=bos.to(dev), pad=(~real).to(dev), last=last.to(dev), real=real.to(dev),
-        **{k: v.to(dev) for k, v in grid.items()}, spans=list(spans),
+        **{k: v.to(dev) for k, v in grid.items()}, spans=list(spans), register=register.to(dev),
     )

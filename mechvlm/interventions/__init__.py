@@ -6,14 +6,17 @@ via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
 
 from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
 from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.masks import gist_mask, mitre_mask
 from mechvlm.interventions.registers import insert_registers, register_mask
 
 __all__ = [
     "KNOCKOUT_MODES",
     "ablate_heads",
+    "gist_mask",
     "insert_registers",
     "knockout",
     "mean_head_outputs",
+    "mitre_mask",
     "patch_activations",
     "register_mask",
     "skip_sublayers",

@@ -74,6 +74,15 @@ class ModelFamily(ABC):
         """The language-model weights under mechvlm names (tensors not copied)."""
 
     @abstractmethod
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        """The inverse of `state_dict_from_hf`: language-model weights under mechvlm names ->
+        the HF model's ``state_dict()`` names (tensors not copied). ``unembed.weight`` may be
+        absent when ``cfg.tie_word_embeddings`` (HF's ``lm_head.weight`` is then the embedding)."""
+
+    #: mechvlm name prefix of the vision encoder's modules -> HF ``state_dict()`` prefix
+    vision_prefixes: dict[str, str] = {}
+
+    @abstractmethod
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         """A module ``(pixel_values, image_grid_thw) -> [n_image_tokens, d_model]``
         around the HF vision tower (and projector / merger)."""

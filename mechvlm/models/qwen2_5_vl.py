@@ -109,6 +109,24 @@ class Qwen2_5_VLFamily(ModelFamily):
                 sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
         return sd
 
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        lm = "model.language_model."
+        out = {lm + "embed_tokens.weight": weights["embed.W_E"], lm + "norm.weight": weights["ln_final.w"],
+               "lm_head.weight": weights.get("unembed.weight", weights["embed.W_E"])}
+        for l in range(cfg.n_layers):
+            p, q = f"blocks.{l}.", f"{lm}layers.{l}."
+            out[q + "input_layernorm.weight"] = weights[p + "ln1.w"]
+            out[q + "post_attention_layernorm.weight"] = weights[p + "ln2.w"]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                for key in ("weight", "bias"):
+                    if f"{p}attn.{name}.{key}" in weights:
+                        out[f"{q}self_attn.{name}.{key}"] = weights[f"{p}attn.{name}.{key}"]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{q}mlp.{name}.weight"] = weights[f"{p}mlp.{name}.weight"]
+        return out
+
+    vision_prefixes = {"vision.visual.": "model.visual."}
+
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return QwenVisionEncoder(hf_model.model.visual)
 

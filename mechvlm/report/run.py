@@ -29,6 +29,7 @@ from ..processing import InputBuilder
 from .examples import example_heatmaps
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import SHIPPED
+from ..training.registers import apply_registering, registering_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +64,7 @@ def load(cfg: ReportConfig) -> tuple[HookedVLM, InputBuilder]:
                                 "directory with config.json, weights, tokenizer and image processor)")
     model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
+    apply_registering(model)  # a Registering checkpoint runs under the mask it was trained with
     return model, InputBuilder.from_pretrained(path)
 
 
@@ -83,6 +85,8 @@ def run_report(cfg: ReportConfig) -> dict:
     t0 = time.time()
     sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
     model, builder = load(cfg)
+    if registering_of(model).active:  # add its text -> registers attention share
+        sections += [s for s in resolve_analyses(["registering"]) if s not in sections]
     items = load_mmbench(cfg.tsv())
     if cfg.limit is not None:
         items = items[:cfg.limit]
