@@ -187,17 +187,8 @@ class Finetuner:
 
     def micro_nll(self, batch: dict, target: torch.Tensor, model=None) -> torch.Tensor:
         """Summed caption-token NLL of one micro-batch under the mask (fp32 scalar)."""
-        dev = self.info.device
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        with torch.no_grad(), self.autocast():
-            embeds = self.model.encode_images(batch["pixel_values"], batch.get("image_grid_thw")) \
-                if batch.get("pixel_values") is not None else None
-        hooks = list(self.mask(batch, self.model.roles(**batch))) if self.mask is not None else []
-        with self.autocast(), self.model.hooks(fwd_hooks=hooks + list(self.extra_hooks)):
-            logits = (model or self.wrapped)(**batch, image_embeds=embeds)
-        nll = next_token_loss(logits, batch["input_ids"], target.to(dev), attention_mask=batch["attention_mask"],
-                              image_token_id=self.model.cfg.image_token_id, per_token=True)
-        return nll.sum()
+        return caption_nll(self.model, batch, target, mask=self.mask, autocast=self.autocast,
+                           extra_hooks=self.extra_hooks, call=model or self.wrapped)
 
     def _scored(self, batch, target) -> int:
         return int(scored_positions(batch["input_ids"], target, attention_mask=batch["attention_mask"],
@@ -339,6 +330,27 @@ class Finetuner:
             return
         fig = fig_loss_curve(self.rows, title=f"{self.model.cfg.model_type}, registering {self.registering.label}")
         write_bytes(self.out / "loss_curve.png", figure_to_png(fig))
+
+
+def caption_nll(model, batch: dict, target: torch.Tensor, *, mask: Callable | None = None,
+                autocast: Callable = contextlib.nullcontext, extra_hooks=(), call=None) -> torch.Tensor:
+    """The summed next-token NLL (fp32 scalar) of the ``target`` tokens of one batch.
+
+    The images are encoded under ``no_grad`` (the frozen tower and projector get no
+    gradient; their features enter as constants), then the language model runs under
+    ``mask(batch, roles)`` (the Registering hooks; None: no mask) and ``extra_hooks``.
+    ``call``: what runs the forward (the DDP / FSDP wrapper of ``model``; default ``model``)."""
+    dev = model.device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    with torch.no_grad(), autocast():
+        embeds = model.encode_images(batch["pixel_values"], batch.get("image_grid_thw")) \
+            if batch.get("pixel_values") is not None else None
+    hooks = list(mask(batch, model.roles(**batch))) if mask is not None else []
+    with autocast(), model.hooks(fwd_hooks=hooks + list(extra_hooks)):
+        logits = (call or model)(**batch, image_embeds=embeds)
+    nll = next_token_loss(logits, batch["input_ids"], target.to(dev), attention_mask=batch.get("attention_mask"),
+                          image_token_id=model.cfg.image_token_id, per_token=True)
+    return nll.sum()
 
 
 def finetune(cfg: FinetuneConfig, on_step: Callable[[dict], None] | None = None) -> dict:
