@@ -116,6 +116,45 @@ def test_training_mask_is_the_hand_built_matrix(tmp_path, toy_data, monkeypatch)
         assert torch.equal(got[:, 0], want)
 
 
+def test_gemma3_training_mask_keeps_its_image_block_and_windows(tmp_path, toy_data, monkeypatch):
+    """Gemma3 toy, 40 registers (rows longer than its sliding window of 64): the mask of each
+    layer = (causal OR same image block) AND window (sliding layers) AND key padding, minus
+    text -> image; built by hand from the token ids."""
+    import mechvlm.components.attention as attention
+
+    ft = Finetuner(small(tmp_path, toy_data, registering="40", model=str(SHIPPED["gemma3"])))
+    batch, target = ft.collator([ft.dataset[i] for i in ft.global_batch(0)[:2]])
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    b, n = ids.shape
+    assert n > 64
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        if q.shape[0] == b and q.shape[2] == n:
+            seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    ft.micro_nll(batch, target).backward()
+    rid, image = ft.registering.register_token_id, 8
+    windows = [64 if t == "sliding_attention" else None for t in ft.model.cfg.layer_types]
+    assert len(seen) == len(windows) and None in windows and 64 in windows
+    for got, window in zip(seen, windows):
+        want = torch.zeros(b, n, n, dtype=torch.bool)
+        for r in range(b):
+            row = ids[r].tolist()
+            last_reg = max(p for p, t in enumerate(row) if t == rid)
+            for q in range(n):
+                for k in range(n):
+                    same_image = row[q] == image and row[k] == image  # one image per row: one block
+                    ok = (k <= q or same_image) and bool(real[r, k]) and (window is None or k > q - window)
+                    if q > last_reg and bool(real[r, q]) and row[k] == image:
+                        ok = False
+                    want[r, q, k] = ok
+        assert torch.equal(got[:, 0], want)
+
+
 def test_loss_is_the_caption_cross_entropy_of_hf_logits(tmp_path, toy_data):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -170,17 +209,25 @@ def test_no_gradient_reaches_the_vision_tower(tmp_path, toy_data):
 
 
 # -------------------------------------------------------------------------- checkpoints --
+@pytest.fixture(scope="module")
+def trained4(tmp_path_factory, toy_data):
+    """A 2-step run with 4 registers: (Finetuner after the run, its folder)."""
+    root = tmp_path_factory.mktemp("r4")
+    ft = Finetuner(small(root, toy_data, registering="4", max_steps=2))
+    ft.run()
+    return ft, root / "run"
+
+
 @pytest.mark.slow
-def test_checkpoint_loads_in_hf_and_mechvlm_with_the_trained_logits(tmp_path, toy_data):
+def test_checkpoint_loads_in_hf_and_mechvlm_with_the_trained_logits(trained4):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from mechvlm import HookedVLM
     from mechvlm.processing import InputBuilder
     from mechvlm.training import apply_registering
 
-    ft = Finetuner(small(tmp_path, toy_data, registering="4", max_steps=2))
-    ft.run()
-    out = tmp_path / "run" / "model"
+    ft, run = trained4
+    out = run / "model"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["registering"]["variant"] == "registers" and cfg["registering"]["n_registers"] == 4
     assert cfg["text_config"]["vocab_size"] == ft.model.cfg.d_vocab == 137
@@ -205,9 +252,37 @@ def test_checkpoint_loads_in_hf_and_mechvlm_with_the_trained_logits(tmp_path, to
     real = batch["attention_mask"].bool()
     assert (trained - again)[real].abs().max() < 1e-5
     assert (trained - ref)[real].abs().max() < 1e-4
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["val_loss"] is not None
-    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    assert (run / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_report_runs_a_registering_checkpoint_under_its_mask(trained4, tmp_path):
+    from mechvlm import HookedVLM
+    from mechvlm.interventions import register_mask
+    from mechvlm.mmbench.evaluate import evaluate
+    from mechvlm.mmbench.tsv import load_mmbench
+    from mechvlm.processing import InputBuilder
+    from mechvlm.report import ReportConfig, run_report
+    from mechvlm.toy.benchmark import SHIPPED_TSV
+
+    _, run = trained4
+    res = run_report(ReportConfig(model=str(run / "model"), out=str(tmp_path / "rep"), limit=8, batch_size=8,
+                                  progress=False, conditions=("none", "text→EOI:pre_softmax_mask")))
+    share = torch.as_tensor(res["attention_share"]["mean_head_share"])  # [layer, (image, eoi)]
+    assert torch.all(share[:, 0] == 0)  # the mask: no text -> image attention at all
+    reg = res["analyses"]["registering"]
+    assert reg["registering"]["n_registers"] == 4 and all(0 < x <= 1 for x in reg["text_to_registers"])
+    # the same accuracy as a plain HookedVLM with the register mask passed by hand
+    model = HookedVLM.from_pretrained(str(run / "model"))
+    builder = InputBuilder.from_pretrained(run / "model")
+    items = load_mmbench(SHIPPED_TSV)[:8]
+    by_hand = evaluate(model, builder, items, {"m": lambda batch, roles: register_mask(
+        roles, registers=["eoi", "register"])}, batch_size=8, progress=False)["m"]
+    plain = evaluate(model, builder, items, ["none"], batch_size=8, progress=False)["none"]
+    assert [r["tokens"] for r in res["knockout"]["none"]["items"]] == [r["tokens"] for r in by_hand["items"]]
+    assert [r["tokens"] for r in plain["items"]] != [r["tokens"] for r in by_hand["items"]]
 
 
 @pytest.mark.slow
