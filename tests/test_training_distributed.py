@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechvlm.training import FinetuneConfig, finetune, write_toy_cc_sbu_align
+from mechvlm.training import FinetuneConfig, Finetuner, write_toy_cc_sbu_align
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--global-batch", "4", "--micro-batch", "2", "--max-steps", "2", "--lr", "1e-4", "--registering", "2",
+# AdamW's epsilon at 1: updates follow the gradient's size (with 1e-8 the first steps are
+# sign(gradient) * lr, blind to how the loss is normalised over ranks)
+ARGS = ["--global-batch", "4", "--micro-batch", "2", "--max-steps", "3", "--lr", "1e-2", "--adam-eps", "1",
+        "--registering", "2",
         "--val-every", "1", "--val-limit", "4", "--save-every", "100", "--threads", "1", "--no-progress",
         "--device", "cpu"]
 
@@ -47,9 +50,16 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data = write_toy_cc_sbu_align(root / "data", n=24, seed=5)
-    rec = finetune(FinetuneConfig(data=str(data), out=str(root / "single"), global_batch=4, micro_batch=2,
-                                  max_steps=2, lr=1e-4, registering="2", val_every=1, val_limit=4, save_every=100,
-                                  threads=1, progress=False, device="cpu"))
+    cfg = FinetuneConfig(data=str(data), out=str(root / "single"), global_batch=4, micro_batch=2, max_steps=3,
+                         lr=1e-2, eps=1.0, registering="2", val_every=1, val_limit=4, save_every=100, threads=1,
+                         progress=False, device="cpu")
+    ft = Finetuner(cfg)
+    halves = []  # scored tokens of each rank's half of every global batch
+    for step in range(3):
+        idx = ft.global_batch(step)
+        halves.append([ft._scored(*ft.collator([ft.dataset[i] for i in idx[h:h + 2]])) for h in (0, 2)])
+    assert any(a != b for a, b in halves), halves  # the ranks' token counts differ: normalising matters
+    rec = ft.run()
     assert rec["accumulation"] == 2 and rec["world_size"] == 1
     _torchrun(root / "multi", data)
     return root, data, _weights(root / "single"), rec
@@ -69,12 +79,12 @@ def test_two_ranks_give_the_weights_of_one_process(runs, mode):
     base = _weights_base()
     moved = worst = 0.0
     for k, v in single.items():
-        assert torch.allclose(multi[k], v, rtol=0, atol=2e-6), (k, (multi[k] - v).abs().max())
+        assert torch.allclose(multi[k], v, rtol=0, atol=1e-7), (k, (multi[k] - v).abs().max())
         worst = max(worst, float((multi[k] - v).abs().max()))
         if k in base and base[k].shape == v.shape:
             moved = max(moved, float((v - base[k]).abs().max()))
     print(f"{mode}: max |2 ranks - 1 process| = {worst:.2e}, max weight change {moved:.2e}")
-    assert moved > 1e-5  # the steps did change the weights, by far more than the tolerance
+    assert moved > 1e-4  # the steps did change the weights, by far more than the tolerance
     assert run["final_loss"] == pytest.approx(rec["final_loss"], rel=1e-5)
     assert run["final_val_loss"] == pytest.approx(rec["final_val_loss"], rel=1e-5)
 

@@ -31,6 +31,7 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--adam-eps", type=float, default=d.eps, help="AdamW epsilon (seed: 1e-8)")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -57,7 +58,7 @@ def config_from_args(a: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
         model=a.model, data=a.data, out=a.out, registering=a.registering, mask=a.mask, prompt=a.prompt,
         epochs=a.epochs, max_steps=a.max_steps, global_batch=a.global_batch, micro_batch=a.micro_batch, lr=a.lr,
-        min_lr_ratio=a.min_lr_ratio, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay,
+        min_lr_ratio=a.min_lr_ratio, warmup_ratio=a.warmup_ratio, weight_decay=a.weight_decay, eps=a.adam_eps,
         max_grad_norm=a.max_grad_norm, precision=a.precision, seed=a.seed, max_pixels=a.max_pixels,
         min_pixels=a.min_pixels, max_length=a.max_length, val_every=a.val_every, val_limit=a.val_limit or None,
         save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, toy_examples=a.toy_examples,
