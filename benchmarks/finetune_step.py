@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.reps, a.warmup, a.caption, a.grid, a.batch = 2, 1, 16, (1, 4, 4), 2
+        a.reps, a.warmup, a.caption, a.grid, a.batch, a.rows = 1, 1, 16, (1, 4, 4), 2, "plain_16,mask_16"
     device = torch.device(a.device)
     torch.set_flush_denormal(True)
     model, reg_id = build(a, device)

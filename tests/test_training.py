@@ -325,3 +325,20 @@ def test_registering_setting_round_trips():
         Registering.parse("-3")
     with pytest.raises(ValueError, match="mask"):
         Registering.parse("eoi", mask="causal")
+
+
+@pytest.mark.parametrize("mask", ["mitre", "gist"])
+def test_mitre_and_gist_masks_train_and_are_recorded(tmp_path, toy_data, mask):
+    from mechvlm.interventions import gist_mask, mitre_mask
+
+    ft = Finetuner(small(tmp_path, toy_data, registering="2", mask=mask))
+    assert ft.model.cfg.registering["mask"] == mask and ft.hf_config.registering["mask"] == mask
+    batch, target = ft.collator([ft.dataset[i] for i in ft.global_batch(0)[:2]])
+    roles = ft.model.roles(**batch)
+    want = (mitre_mask if mask == "mitre" else gist_mask)(roles, ["eoi", "register"])
+    got = ft.mask(batch, roles)
+    probe = ft.model.blocks[0].attn.hook_attn_mask
+    dense = torch.ones(2, 1, roles.shape[1], roles.shape[1], dtype=torch.bool).tril()
+    assert torch.equal(got[0][1](dense.clone(), probe), want[0][1](dense.clone(), probe))
+    row = ft.train_step()
+    assert row["loss"] > 0 and row["grad_norm"] > 0

@@ -73,8 +73,9 @@ def run_finetune(a: argparse.Namespace) -> int:
     from mechvlm.training.loop import finetune
 
     rec = finetune(config_from_args(a))
-    if rec.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
+        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         print(f"fine-tuned {rec['steps']} steps ({rec['registering']['variant']}, mask {rec['registering']['mask']}): "
-              f"loss {rec['final_loss']:.4f}, validation {rec['first_val_loss']:.4f} -> {rec['final_val_loss']:.4f}, "
-              f"{rec['wall_s']} s; model in {a.out}/model")
+              f"loss {fmt(rec['final_loss'])}, validation {fmt(rec['first_val_loss'])} -> "
+              f"{fmt(rec['final_val_loss'])}, {rec['wall_s']} s; model in {a.out}/model")
     return 0

@@ -74,7 +74,7 @@ def fig_registering_table(table: Mapping[str, Mapping[str, Mapping]], *, width: 
     kinds = ("letter", "eos_only", "other")
     colors = {"letter": "#55A868", "eos_only": "#C44E52", "other": "#8172B3"}
     for ax, (model, rows) in zip(axes[0], table.items()):
-        names = list(variants or rows)
+        names = [v for v in (variants or rows) if v in rows]
         x = np.arange(len(names))
         acc = np.array([rows[v]["accuracy"] for v in names], dtype=float)
         err = np.array([rows[v]["std"] / max(1, rows[v]["n"]) ** 0.5 for v in names], dtype=float)
@@ -91,6 +91,6 @@ def fig_registering_table(table: Mapping[str, Mapping[str, Mapping]], *, width: 
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("MMBench accuracy / output share")
         ax.set_title(model, fontsize=10)
-        ax.legend(fontsize=7, frameon=False, loc="upper right")
+        ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     return fig
