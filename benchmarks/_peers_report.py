@@ -374,4 +374,6 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
         lines += _scaling(result["scaling"])
     lines += ["## Correctness (max |difference|, compared with the cross-check tolerances)", ""]
     lines += _correctness(result) + [""]
-    Path(path).write_text("\n".join(lines))
+    from mechvlm.fileio import write_text
+
+    write_text(path, "\n".join(lines))

@@ -368,7 +368,9 @@ def main(argv=None) -> dict:
     result["correctness_pass"] = all(r["pass"] is not False for r in rows)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_peers.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    from mechvlm.fileio import write_text
+
+    write_text(out / "compare_peers.json", json.dumps(result, indent=1, default=str) + "\n")
     write_markdown(result, out / "RESULTS.md")
     log(f"wrote {out / 'RESULTS.md'} and {out / 'compare_peers.json'} in {result['wall_s']:.0f}s; "
         f"correctness {'PASS' if result['correctness_pass'] else 'FAIL'}")

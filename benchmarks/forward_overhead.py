@@ -382,7 +382,9 @@ def main(argv=None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        from mechvlm.fileio import write_text
+
+        write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     print(f"total {result['wall_s']:.0f}s")
     return result

@@ -85,7 +85,9 @@ def main(argv=None) -> dict:
     print(f"{'contender':22s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'vs unhooked':>12s}")
     for name, r in result["knockout_time"].items():
         print(f"{name:22s} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} {r['ratio_vs_unhooked']:11.3f}x")
-    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    from mechvlm.fileio import write_text
+
+    write_text(args.json, json.dumps(result, indent=1, default=str))
     return result
 
 

@@ -235,7 +235,9 @@ def main(argv=None) -> dict:
             print(f"  memory {n:<20} {v:5.2f}x the plain forward's extra peak")
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from mechvlm.fileio import write_text
+
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return result
 

@@ -2,8 +2,8 @@
 ``make-mmbench``, ``train-toy`` and ``finetune`` (Registering fine-tuning, `mechvlm.training`).
 
 ``report`` runs seed 000's analyses (attention share, cumulative received attention, the
-knockout table on an MMBench-format TSV) on the shipped toy Qwen2.5-VL by default, or on any
-local checkpoint directory (``--model``), and writes an HTML report and a JSON.
+knockout table on an MMBench-format TSV) on both shipped toys by default, or on local
+checkpoint directories (``--model``, repeatable), and writes an HTML report and a JSON.
 
 ``demo`` needs nothing but this package: it builds a small random Qwen2.5-VL, runs the
 same image prompt through Hugging Face and through mechvlm, and prints the parity and a
@@ -19,6 +19,18 @@ import os
 import sys
 
 import torch
+
+from .argtypes import positive_int
+
+
+def probe_ids(cfg, n: int) -> torch.Tensor:
+    """``[1, n]`` token ids for a text-only probe forward: ids from 3 up that are none of the
+    image / video / image-start / image-end tokens (which need pixels or are refused)."""
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.image_start_token_id, cfg.image_end_token_id}
+    ids = [i for i in range(3, cfg.d_vocab) if i not in special][:n]
+    if len(ids) < n:
+        ids = (ids * n)[:n]
+    return torch.tensor([ids])
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -66,7 +78,7 @@ def _hooks(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = HookedVLM.from_pretrained(args.model, dtype=dtype, device=args.device)
-    ids = torch.arange(3, 3 + args.tokens)[None] % model.cfg.d_vocab
+    ids = probe_ids(model.cfg, args.tokens)
     with torch.no_grad():
         _, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith(("hook_", "blocks.0.", "ln_final")))
     print(model.cfg)
@@ -89,6 +101,10 @@ def _crosscheck(args: argparse.Namespace) -> int:
 
     from mechvlm.crosscheck import crosscheck, perturb_layer
 
+    if args.json:
+        from .outdir import prepare_out_file
+
+        prepare_out_file(args.json, overwrite=True, arg="--json")  # writable, before any compute
     dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = dict(dtype=dtype, device=args.device, image=args.image, prompt=args.prompt, seed=args.seed,
               knockouts=not args.no_knockouts, share=not args.no_share)
@@ -107,8 +123,9 @@ def _crosscheck(args: argparse.Namespace) -> int:
         report.model += f" (mechvlm layer {args.perturb_layer} perturbed on purpose)"
     print(report.table())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
+        from .fileio import write_text
+
+        write_text(args.json, json.dumps(report.to_dict(), indent=1))
     return 0 if report.passed else 1
 
 
@@ -120,17 +137,21 @@ def _report(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .report import ReportConfig, run_report
 
-    cfg = ReportConfig(model=args.model, mmbench=args.mmbench, limit=args.limit, device=args.device,
-                       dtype=args.dtype, out=args.out, batch_size=args.batch_size,
+    cfg = ReportConfig(models=tuple(args.model or ()), mmbench=args.mmbench, limit=args.limit,
+                       device=args.device, dtype=args.dtype, out=args.out, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, examples=args.examples,
                        progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
+                       overwrite=args.overwrite,
                        **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
     run_report(cfg)
     return 0
 
 
 def _make_mmbench(args: argparse.Namespace) -> int:
+    from .outdir import prepare_out_file
     from .toy.benchmark import write_benchmark
 
+    prepare_out_file(args.out, overwrite=args.overwrite)  # before generating: exists / not writable
     path = write_benchmark(args.out, n_questions=args.questions, seed=args.seed,
                            circular=not args.no_circular)
     print(f"wrote {path}")
@@ -140,64 +161,117 @@ def _make_mmbench(args: argparse.Namespace) -> int:
 def _train_toy(args: argparse.Namespace) -> int:
     from .toy.train import main as train_main
 
-    return train_main(args.rest)
+    return train_main(args.rest, prog="mechvlm train-toy")
+
+
+DESCRIPTION = ("mechvlm: mechanistic interpretability of vision-language models (Qwen2.5-VL, Gemma3). "
+               "'mechvlm report' runs the visual-information-flow analyses of Sakajo et al. (attention "
+               "share, received attention, the attention-knockout Table 1) on checkpoints and an MMBench "
+               "TSV and writes an HTML page; with no arguments it runs both shipped toy models offline.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every option's help, except when there is nothing to show
+    (None, a flag's False) or the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mechvlm")
+    except metadata.PackageNotFoundError:  # pragma: no cover - a source tree without install
+        from . import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mechvlm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="seed-000 analyses + knockout table -> HTML report and JSON")
-    rep.add_argument("--model", default=None, help="local checkpoint directory (default: shipped toy Qwen2.5-VL)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-toy"]:  # every argument, --help included, is the training script's
+        return _train_toy(argparse.Namespace(rest=argv[1:]))
+    parser = _Parser(prog="mechvlm", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"mechvlm {_version()}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    rep = sub.add_parser("report", help="attention share, received attention and the knockout Table 1 -> "
+                                        "HTML page and JSON")
+    rep.add_argument("--model", action="append", default=None, metavar="DIR",
+                     help="local checkpoint directory; repeat it to compare several models on the same "
+                          "items (default: both shipped toys, Qwen2.5-VL and Gemma3)")
     rep.add_argument("--mmbench", default=None, help="MMBench-format TSV (default: shipped synthetic one)")
-    rep.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    rep.add_argument("--device", default="cpu")
-    rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    rep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows (default: all)")
+    rep.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="weights and activations")
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
-    rep.add_argument("--batch-size", type=int, default=16)
+    rep.add_argument("--overwrite", action="store_true",
+                     help="replace files in --out that mechvlm did not write (refused otherwise)")
+    rep.add_argument("--batch-size", type=positive_int, default=16, help="items per forward")
+    rep.add_argument("--max-new-tokens", type=positive_int, default=4, help="tokens generated greedily per item")
+    rep.add_argument("--examples", type=int, default=4, help="items drawn as attention-on-image rows")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
     rep.add_argument("--analyses", default=None, metavar="NAME[,NAME...]",
-                     help="optional report sections (mechvlm.report.sections.ANALYSES), e.g. logit_lens")
+                     help="optional report sections (mechvlm.report.sections.ANALYSES), e.g. logit_lens "
+                          "(default: none)")
     rep.add_argument("--conditions", default=None, metavar="NAME[,NAME...]",
-                     help="MMBench conditions (default: the five of seed 000 Table 1; "
-                          "mechvlm.mmbench.conditions.CONDITIONS and registered parsers)")
+                     help="MMBench conditions (default: the five of Table 1, none and text->image / text->EOI "
+                          "in both knockout modes; see mechvlm.mmbench.conditions.CONDITIONS and the "
+                          "registered parsers)")
     rep.set_defaults(fn=_report)
     mk = sub.add_parser("make-mmbench", help="write the synthetic benchmark as an MMBench TSV")
-    mk.add_argument("--out", required=True)
-    mk.add_argument("--questions", type=int, default=100, help="base questions (each with circular copies)")
-    mk.add_argument("--seed", type=int, default=2026)
+    mk.add_argument("--out", required=True, help="the TSV file to write")
+    mk.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    mk.add_argument("--questions", type=positive_int, default=100,
+                    help="base questions (each with circular copies)")
+    mk.add_argument("--seed", type=int, default=2026, help="seed of the scenes and questions")
     mk.add_argument("--no-circular", action="store_true", help="no rotated copies")
     mk.set_defaults(fn=_make_mmbench)
     tr = sub.add_parser("train-toy", help="train a toy checkpoint (arguments: see python -m mechvlm.toy.train -h)",
                         add_help=False)
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m mechvlm.toy.train")
     tr.set_defaults(fn=_train_toy)
     from .training.cli import add_finetune_parser
 
     add_finetune_parser(sub)
     demo = sub.add_parser("demo", help="parity with HF and a knockout on a small random Qwen2.5-VL")
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--layers", type=int, default=4, help="layers of the random model")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights, prompt and pixels")
     demo.set_defaults(fn=_demo)
     hooks = sub.add_parser("hooks", help="list the hook points of a checkpoint with their shapes")
     hooks.add_argument("--model", required=True, help="hub id or local HF directory")
     hooks.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
-    hooks.add_argument("--device", default=None)
-    hooks.add_argument("--tokens", type=int, default=8)
+    hooks.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    hooks.add_argument("--tokens", type=positive_int, default=8, help="length of the text-only probe input")
     hooks.add_argument("--online", action="store_true", help="allow hub downloads")
     hooks.set_defaults(fn=_hooks)
     cc = sub.add_parser("crosscheck", help="compare mechvlm with nnsight tracing the HF model (eager)")
     cc.add_argument("--model", required=True, help="hub id or local HF directory")
     cc.add_argument("--image", default=None, help="image file (needs the model's processor; default: synthetic)")
-    cc.add_argument("--prompt", default=None, help="text prompt (needs the model's processor)")
+    cc.add_argument("--prompt", default=None, help="text prompt (needs the model's processor; default: a synthetic prompt)")
     cc.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     cc.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     cc.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt and pixels")
-    cc.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    cc.add_argument("--json", default=None, help="also write the report as JSON to this file (default: no JSON)")
     cc.add_argument("--no-knockouts", action="store_true", help="skip the knockout comparisons")
     cc.add_argument("--no-share", action="store_true", help="skip the attention-share comparison")
     cc.add_argument("--online", action="store_true", help="allow hub downloads")
     cc.add_argument("--perturb-layer", type=int, default=None, metavar="L",
-                    help="testing the checker: perturb one weight of mechvlm's layer L (must FAIL at L)")
+                    help="testing the checker: perturb one weight of mechvlm's layer L (must FAIL at L; "
+                         "default: no perturbation)")
     cc.set_defaults(fn=_crosscheck)
     args = parser.parse_args(argv)
     return args.fn(args)

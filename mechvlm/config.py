@@ -45,6 +45,8 @@ class VLMConfig:
         bos_token_id, eos_token_id, pad_token_id: from the HF config (may be ``None``).
         spatial_merge_size: vision patches merged per side into one LM token (Qwen: 2).
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
+        n_ctx: the HF ``max_position_embeddings`` (TransformerLens' name); a longer input
+            warns once (None: unknown).
         registering: a Registering model's setting (seed 000 section 4), from the HF config's
             ``registering`` entry that `mechvlm.training` writes (variant, registers, mask);
             None for other models.
@@ -52,7 +54,20 @@ class VLMConfig:
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
-        normalization_type, attn_only: constants TransformerLens' ActivationCache reads.
+        normalization_type: ``"RMS"``; ``"RMSPre"`` once ``fold_ln`` moved the norm weights
+            into the next linear maps (TransformerLens' names).
+        attn_only: constant TransformerLens' ActivationCache reads.
+        use_split_qkv_input, use_attn_in, use_hook_mlp_in, use_hook_tokens: the opt-in hooks
+            (``HookedVLM.set_use_*``).
+        default_prepend_bos, tokenizer_prepends_bos, tokenizer_name: set from the attached
+            tokenizer (TransformerLens' meaning).
+        ln_folded: True after ``process_weights_(fold_ln=True)``.
+
+    TransformerLens' derived names are properties: ``n_key_value_heads``,
+    ``positional_embedding_type`` (``"rotary"``), ``gated_mlp``, ``final_rms``,
+    ``original_architecture``, ``window_size``, ``rotary_dim``, ``rotary_base``,
+    ``d_vocab_out``, ``model_name``, ``use_normalization_before_and_after``,
+    ``rmsnorm_uses_offset``.
     """
 
     architecture: str
@@ -83,6 +98,7 @@ class VLMConfig:
     pad_token_id: int | None = None
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
+    n_ctx: int | None = None
     registering: dict | None = None
     register_token_id: int | None = None
     dtype: torch.dtype = torch.float32
@@ -90,6 +106,14 @@ class VLMConfig:
     use_attn_result: bool = False
     normalization_type: str = "RMS"
     attn_only: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    use_hook_tokens: bool = False
+    default_prepend_bos: bool = False
+    tokenizer_prepends_bos: bool = False
+    tokenizer_name: str | None = None
+    ln_folded: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +142,48 @@ class VLMConfig:
     def n_key_value_heads(self) -> int:
         """TransformerLens' name for ``n_kv_heads``."""
         return self.n_kv_heads
+
+    # TransformerLens' names for what the fields above already say ------------------
+    positional_embedding_type = "rotary"
+    gated_mlp = True
+    final_rms = True
+    ungroup_grouped_query_attention = False
+    parallel_attn_mlp = False
+    n_devices = 1
+    default_padding_side = "right"
+
+    @property
+    def original_architecture(self) -> str:
+        return self.architecture
+
+    @property
+    def model_name(self) -> str:
+        return self.architecture
+
+    @property
+    def window_size(self) -> int | None:
+        return self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.d_head
+
+    @property
+    def rotary_base(self) -> float:
+        return self.rope_theta
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """Gemma3's norms scale by ``1 + w``."""
+        return self.model_type == "gemma3"
+
+    @property
+    def use_normalization_before_and_after(self) -> bool:
+        return self.model_type == "gemma3"
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer``, or None for a full-attention layer."""

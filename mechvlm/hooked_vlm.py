@@ -6,35 +6,68 @@ original HF weights; the vision tower (+ merger / projector) is the HF module, f
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 
+from mechvlm.cache import IMAGE_EMBEDS, VLMActivationCache
 from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
-from mechvlm.hook_points import HookPoint, UnknownHookError, unknown_hook_error
+from mechvlm.fold_ln import process_weights_
+from mechvlm.forward_args import forward_arguments
+from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     ModelFamily,
     PreparedInputs,
+    check_image_embeds,
     check_input_ids,
     padding_from_attention_mask,
 )
-from mechvlm.roles import TokenRoles, compute_roles
+from mechvlm.optional_hooks import OptionalHooksMixin
+from mechvlm.return_types import check_return_type, forward_output
+from mechvlm.roles import TokenRoles, compute_roles, records_batch
+from mechvlm.tokens import TokenizerMixin
+from mechvlm.weights import WeightsMixin
 
 
-class HookedVLM(HookedRootModule):
+def _without_module_hooks(module: nn.Module) -> nn.Module:
+    """Drop the forward / backward hooks (torch's and accelerate's) from every submodule of
+    a private copy, so hooks a user registered on the HF model do not fire in mechvlm."""
+    try:
+        from accelerate.hooks import remove_hook_from_module
+    except ImportError:  # pragma: no cover - accelerate is optional
+        remove_hook_from_module = None
+    if remove_hook_from_module is not None and any(hasattr(m, "_hf_hook") for m in module.modules()):
+        remove_hook_from_module(module, recurse=True)
+    for m in module.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                     "_forward_pre_hooks_with_kwargs"):
+            hooks = getattr(m, attr, None)
+            if hooks:
+                hooks.clear()
+        if getattr(m, "_is_full_backward_hook", None) is not None:
+            m._is_full_backward_hook = None
+    return module
+
+
+class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModule):
     """Hooked language backbone of a vision-language model.
 
     Build it with `HookedVLM.from_pretrained` (hub id or local HF directory) or
     `HookedVLM.from_hf` (an in-memory HF model, left untouched: weights are copied).
 
     Model-level hooks:
+        hook_tokens: ``[batch, pos]`` the input ids (a copy: an in-place edit changes the
+            run, never the caller's tensor); positions and image spans follow the edit.
         hook_image_embeds: ``[n_image_tokens, d_model]`` the vision features after the
             merger/projector, all images of the batch concatenated in feature order.
             The tower is frozen, so this tensor does not require grad; a hook that
@@ -42,13 +75,17 @@ class HookedVLM(HookedRootModule):
         hook_embed: ``[batch, pos, d_model]`` the input sequence embedding with the image
             features scattered in (the input of block 0).
         ln_final.hook_scale / hook_normalized: the final norm.
-    Per-layer hooks: see `TransformerBlock`, `Attention`, `GatedMLP`, `RMSNorm`.
+        unembed.hook_in / hook_out: the unembedding's input and the logits.
+    Per-layer hooks: see `TransformerBlock`, `Attention`, `GatedMLP`, `RMSNorm`; opt-in
+    ones: `mechvlm.optional_hooks`. TransformerLens surface: `mechvlm.tokens`,
+    `mechvlm.weights` (weight stacks), `mechvlm.fold_ln`, `mechvlm.cache`.
     """
 
     def __init__(self, cfg: VLMConfig, family: ModelFamily, vision: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.family = family
+        self.hook_tokens = HookPoint()
         self.embed = Embed(cfg.d_vocab, cfg.d_model, scale=family.embed_scale(cfg))
         self.hook_image_embeds = HookPoint()
         self.hook_embed = HookPoint()
@@ -57,32 +94,93 @@ class HookedVLM(HookedRootModule):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
         self.vision = vision
         self._rotary = family.rotary(cfg)
+        self._warned_n_ctx = False
         self.setup()
 
     # ------------------------------------------------------------------ construction --
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None) -> "HookedVLM":
+                device: str | torch.device | None = None, tokenizer=None, processor=None,
+                fold_ln: bool = False, center_unembed: bool = False) -> "HookedVLM":
         """Build from an in-memory HF model (e.g. ``Qwen2_5_VLForConditionalGeneration``).
 
         The HF model is not modified: its weights and vision tower are copied (cast to
-        ``dtype`` / moved to ``device``, by default the HF model's own).
+        ``dtype`` / moved to ``device``, by default the HF model's own). Forward / backward
+        hooks registered on the HF modules are not carried over. ``tokenizer`` (HF)
+        enables ``to_tokens`` & co.; ``processor`` (a `mechvlm.InputBuilder`, or an HF image
+        processor used with ``tokenizer``) enables ``to_inputs``. ``fold_ln`` /
+        ``center_unembed``: `process_weights_`.
         """
-        return cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
+        model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
+        model._attach_processing(tokenizer, processor, hf_model.config)
+        model.process_weights_(fold_ln=fold_ln, center_unembed=center_unembed)
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **hf_kwargs) -> "HookedVLM":
+                        device: str | torch.device | None = None, strict: bool = True,
+                        fold_ln: bool = False, center_unembed: bool = False, **hf_kwargs) -> "HookedVLM":
         """Load a hub id (``"Qwen/Qwen2.5-VL-3B-Instruct"``) or a local directory in HF
         layout. ``dtype=None`` keeps the checkpoint's dtype. Extra keyword arguments go
-        to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...)."""
+        to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...).
+
+        Refused with an error that names the problem: a path that does not exist or is a
+        file, and a checkpoint whose tensors are not exactly the model's (missing,
+        unexpected or of another shape: `mechvlm.checkpoint_check`; ``strict=False`` makes
+        that a warning).
+
+        The checkpoint's tokenizer and image processor, when it has them, are attached
+        (``model.tokenizer``, ``model.to_inputs``). ``fold_ln=True`` folds the norm weights
+        (`process_weights_`; logits unchanged), which TransformerLens' attribution helpers
+        assume; it is off by default so that weights stay HF's."""
         import transformers
 
-        hf_config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+        from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
+
+        hf_config = load_hf_config(name_or_path, **hf_kwargs)  # "no such directory", not HF's repo-id advice
         family = family_for(hf_config)
         hf_class = getattr(transformers, family.hf_class_name)
-        hf_model = hf_class.from_pretrained(name_or_path, dtype=dtype or "auto", **hf_kwargs)
-        return cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
+        # a missing / unexpected tensor raises, naming it, instead of a random initialisation
+        hf_model = load_hf_checked(hf_class, name_or_path, strict=strict, dtype=dtype or "auto", **hf_kwargs)
+        model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
+        model._attach_from_checkpoint(name_or_path, hf_config)
+        model.process_weights_(fold_ln=fold_ln, center_unembed=center_unembed)
+        return model
+
+    def _attach_from_checkpoint(self, name_or_path: str, hf_config) -> None:
+        from pathlib import Path
+
+        from mechvlm.processing import InputBuilder
+
+        path = Path(name_or_path)
+        if not (path / "tokenizer_config.json").is_file():
+            return  # a hub id or a directory without tokenizer: attach none (to_tokens explains)
+        if (path / "preprocessor_config.json").is_file() and getattr(self.cfg, "image_token_id", None) is not None:
+            builder = InputBuilder.from_pretrained(path)
+            self.set_tokenizer(builder.tokenizer, builder)
+        else:
+            from transformers import AutoTokenizer
+
+            self.set_tokenizer(AutoTokenizer.from_pretrained(path))
+
+    def _attach_processing(self, tokenizer, processor, hf_config) -> None:
+        from mechvlm.processing import InputBuilder
+
+        if processor is not None and not isinstance(processor, InputBuilder):
+            if tokenizer is None:
+                raise ValueError("processor= (an HF image processor) needs tokenizer= too, or pass an InputBuilder")
+            processor = InputBuilder(tokenizer, processor, hf_config)
+        if tokenizer is None and processor is not None:
+            tokenizer = processor.tokenizer
+        self.set_tokenizer(tokenizer, processor)
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = False,
+                         center_unembed: bool = False, fold_value_biases: bool = False,
+                         refactor_factored_attn_matrices: bool = False) -> None:
+        """TransformerLens' weight processing, in place (see `mechvlm.fold_ln`)."""
+        process_weights_(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                         center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                         refactor_factored_attn_matrices=refactor_factored_attn_matrices)
 
     @classmethod
     def _build(cls, hf_model, *, dtype, device, copy_weights: bool) -> "HookedVLM":
@@ -99,7 +197,7 @@ class HookedVLM(HookedRootModule):
             weights.pop("unembed.weight")
         vision = family.vision_encoder(hf_model)
         if copy_weights:
-            vision = copy.deepcopy(vision)
+            vision = _without_module_hooks(copy.deepcopy(vision))
         # as HF's own loading: fp32 buffers (the vision rotary inv_freq) stay fp32 under a cast
         fp32_buffers = {n: b for n, b in vision.named_buffers() if b.dtype == torch.float32}
         vision = vision.to(device=device, dtype=dtype).requires_grad_(False).eval()
@@ -147,18 +245,39 @@ class HookedVLM(HookedRootModule):
         spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
+    @records_batch  # role-based hooks check that their TokenRoles were built for this batch
     def forward(
         self,
-        input_ids: Int[Tensor, "batch pos"],
+        input_ids: Int[Tensor, "batch pos"] | Mapping | str | list[str],
         pixel_values: Tensor | None = None,
         image_grid_thw: Int[Tensor, "n_images 3"] | None = None,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         *,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
-        return_type: Literal["logits"] | None = "logits",
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"] | None:
+        loss_per_token: bool = False,
+        target_mask: Tensor | None = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        resid: Float[Tensor, "batch pos d_model"] | None = None,
+        tokens: Tensor | Mapping | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ):
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
+
+        The first argument may also be a batch mapping (``to_inputs``, `InputBuilder`, an HF
+        processor's ``BatchFeature``) or text (``to_tokens``); see `mechvlm.forward_args`.
+        ``return_type``: ``"logits"``, ``"loss"`` (next-token cross-entropy of the scored
+        tokens, `mechvlm.return_types`; ``loss_per_token`` gives ``[batch, pos - 1]``;
+        ``target_mask`` bool ``[batch, pos]`` restricts it, e.g. to answer tokens), ``"both"``
+        (logits, loss) or None. ``stop_at_layer=l`` returns the residual stream entering
+        block ``l`` (negative counts from the end), before ``ln_final``.
+        ``start_at_layer=l`` starts at block ``l`` from ``resid`` (``[batch, pos, d_model]``,
+        what ``blocks.{l}.hook_resid_pre`` would see); positions, masks and image blocks
+        still come from ``input_ids`` (pass the same batch: ``tokens=batch`` in TL's form
+        ``model(resid, start_at_layer=l, tokens=batch)``). Hooks of the blocks that run fire.
 
         ``attention_mask`` (1 = real token) supports left padding; positions count real
         tokens only. Image tokens need ``pixel_values`` (and, for Qwen2.5-VL,
@@ -166,34 +285,84 @@ class HookedVLM(HookedRootModule):
         the image blocks mechvlm derives from ``input_ids``; a disagreement raises.
         ``image_embeds``: the vision encoder's output for these ``pixel_values``
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
-        ``hook_image_embeds`` still sees and may edit it.
+        ``hook_image_embeds`` still sees and may edit it (an edit applies to this forward
+        only: the given tensor is never modified). It must be ``[n_image_tokens, d_model]``
+        on the model's device.
         """
+        if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or tokens is not None:
+            return self.forward(**forward_arguments(self, {k: v for k, v in locals().items()
+                                                           if k not in ("self", "__class__")}))
+        check_return_type(return_type)
+        if self.hook_tokens.is_observed():
+            input_ids = self.hook_tokens(input_ids.clone())
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
                                      token_type_ids)
+        start, stop = self._layer_range(start_at_layer, stop_at_layer)
+        if start_at_layer is None:
+            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds)
+        else:
+            x = self._check_resid(resid, inputs.input_ids)
+        tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
+        rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
+        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids)
+        for l in range(start, stop):
+            x = self.blocks[l](x, rope[self.cfg.layer_types[l]], mask)
+        if stop_at_layer is not None:
+            return x
+        x = self.ln_final(x)
+        if return_type is None:
+            return None
+        return forward_output(self.unembed(x), inputs.input_ids, return_type, loss_per_token=loss_per_token,
+                              target_mask=target_mask, attention_mask=attention_mask,
+                              image_token_id=self.cfg.image_token_id)
+
+    def _layer_range(self, start_at_layer: int | None, stop_at_layer: int | None) -> tuple[int, int]:
+        n = self.cfg.n_layers
+        start = 0 if start_at_layer is None else start_at_layer + (n if start_at_layer < 0 else 0)
+        stop = n if stop_at_layer is None else stop_at_layer + (n if stop_at_layer < 0 else 0)
+        if not 0 <= start <= n or not 0 <= stop <= n or start > stop:
+            raise ValueError(f"start_at_layer={start_at_layer}, stop_at_layer={stop_at_layer} do not give a "
+                             f"layer range within the {n} layers")
+        return start, stop
+
+    def _check_resid(self, resid: Tensor | None, input_ids: Tensor) -> Tensor:
+        if resid is None:
+            raise ValueError("start_at_layer needs the residual stream (resid=, or first argument with tokens=)")
+        if resid.shape != (*input_ids.shape, self.cfg.d_model):
+            raise ValueError(f"resid has shape {tuple(resid.shape)}; with these input_ids it must be "
+                             f"{(*input_ids.shape, self.cfg.d_model)}")
+        return resid.to(self.device)
+
+    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds) -> Tensor:
+        """Token embeddings with the image features scattered in (``hook_embed``'s input)."""
         ids = inputs.input_ids
+        n_ctx = self.cfg.n_ctx
+        if n_ctx is not None and ids.shape[1] > n_ctx and not self._warned_n_ctx:
+            self._warned_n_ctx = True
+            warnings.warn(f"the input has {ids.shape[1]} positions, more than the model's "
+                          f"max_position_embeddings = {n_ctx}: results past that length are "
+                          "extrapolated (warned once per model)", stacklevel=3)
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
         x = self.embed(ids)
         if inputs.spans:
-            feats = self.encode_images(pixel_values, image_grid_thw) if image_embeds is None else image_embeds
-            feats = self.hook_image_embeds(feats.to(x.dtype))
+            if image_embeds is None:
+                feats = self.encode_images(pixel_values, image_grid_thw).to(x.dtype)
+            else:
+                check_image_embeds(image_embeds, sum(s.n_tokens for s in inputs.spans), self.cfg.d_model,
+                                   x.device)
+                feats = image_embeds.to(x.dtype)
+                if feats is image_embeds and self.hook_image_embeds.is_observed():
+                    feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
+            feats = self.hook_image_embeds(feats)
             image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
             if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
                 raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "
                                  f"input has {int(image_mask.sum())} image tokens")
             x = x.masked_scatter(image_mask, feats)
-        x = self.hook_embed(x)
-        tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
-        rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
-        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids)
-        for l, block in enumerate(self.blocks):
-            x = block(x, rope[self.cfg.layer_types[l]], mask)
-        x = self.ln_final(x)
-        if return_type is None:
-            return None
-        if return_type != "logits":
-            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
-        return self.unembed(x)
+        elif image_embeds is not None:
+            check_image_embeds(image_embeds, 0, self.cfg.d_model, x.device)  # raises: nothing to fill
+        return self.hook_embed(x)
 
     def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> Tensor:
         """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
@@ -204,15 +373,6 @@ class HookedVLM(HookedRootModule):
         return self.vision(pixel_values.to(self.device), grid)
 
     # ------------------------------------------------------------------ hooks / cache --
-    def set_use_attn_result(self, use: bool) -> None:
-        """Create (or remove) ``blocks.{l}.attn.hook_result``, the per-head output
-        ``[batch, pos, head, d_model]``. Off by default: it costs ``head`` times the
-        memory of the attention output."""
-        self.cfg.use_attn_result = use
-        for block in self.blocks:
-            block.attn.hook_result = HookPoint() if use else None
-        self.setup()
-
     def _check_hook_name(self, name: str | Callable) -> None:
         if isinstance(name, str):
             if name not in self.hook_dict:
@@ -228,8 +388,22 @@ class HookedVLM(HookedRootModule):
         super()._enable_hook(name, hook, dir)
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        """As TransformerLens, except that a temporary hook added inside a ``hooks()`` /
+        ``run_with_hooks`` / ``run_with_cache`` context (e.g. by another hook) belongs to
+        that context and is removed when it exits."""
         self._check_hook_name(name)
+        if level is None and not is_permanent and self.context_level > 0:
+            level = self.context_level
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """TransformerLens' ``hooks()`` context; ``fwd_hooks`` / ``bwd_hooks`` must be lists of
+        ``(hook_name_or_filter, fn)`` pairs (a `TypeError` says so otherwise)."""
+        fwd_hooks = check_hook_list(fwd_hooks, "fwd_hooks")
+        bwd_hooks = check_hook_list(bwd_hooks, "bwd_hooks")
+        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as model:
+            yield model
 
     def get_caching_hooks(self, names_filter=None, *args, **kwargs):
         if isinstance(names_filter, str):
@@ -243,21 +417,28 @@ class HookedVLM(HookedRootModule):
         return super().get_caching_hooks(names_filter, *args, **kwargs)
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, **kwargs):
-        """As TransformerLens: returns ``(logits, ActivationCache)``; the cache supports
-        ``cache["pattern", l]``, ``stack_activation``, ``accumulated_resid``, ..."""
-        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        """As TransformerLens: returns ``(output, cache)``; the cache is a `VLMActivationCache`
+        (TL's ``ActivationCache``: ``cache["pattern", l]``, ``stack_activation``,
+        ``accumulated_resid``, ..., plus the image-token rows of ``hook_image_embeds``).
+        ``incl_bwd=True`` needs a scalar output (``return_type="loss"``)."""
+        rows: list[Tensor] = []
+        n_rows: list[int] = []
+
+        def image_rows(ids, hook):
+            n_rows.append(ids.shape[0])
+            if self.cfg.image_token_id is not None:
+                rows.append((ids == self.cfg.image_token_id).nonzero()[:, 0].cpu())
+
+        if kwargs.get("remove_batch_dim") and model_args and isinstance(model_args[0], Mapping):
+            n = model_args[0]["input_ids"].shape[0]
+            assert n == 1, f"Cannot remove batch dimension from cache with batch size {n}"
+        with self.hooks(fwd_hooks=[("hook_tokens", image_rows)]):
+            out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        embeds = cache_dict.get(IMAGE_EMBEDS)
+        if embeds is not None and embeds.ndim == 1:  # remove_batch_dim took a lone image token for a batch
+            cache_dict[IMAGE_EMBEDS] = embeds[None]
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+            return out, VLMActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False),
+                                           image_token_rows=rows[0] if rows and embeds is not None else None,
+                                           batch_size=n_rows[0] if n_rows and not kwargs.get("remove_batch_dim") else None)
         return out, cache_dict
-
-    # TransformerLens conveniences -----------------------------------------------------
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    def tokens_to_residual_directions(self, tokens: Tensor) -> Tensor:
-        return self.W_U[:, tokens].T if tokens.ndim else self.W_U[:, tokens]

@@ -4,12 +4,22 @@
 for any family: it reads the image spans the family found and the special-token ids of
 ``model.cfg``. Every function that takes a role also accepts a user boolean mask
 ``[batch, pos]`` (see `TokenRoles.mask`).
+
+`TokenRoles` remembers the batch it came from (its ``input_ids``). Interventions built from
+it check, at hook time, that they run on that batch (`TokenRoles.check_runs_on`): the
+shapes, and the token ids of the forward in progress (`HookedVLM.forward` records them
+with `records_batch`). Roles of another batch raise `RolesBatchMismatch`, instead of
+broadcasting a ``[1, n]`` mask over a ``[2, n]`` batch or cutting the wrong positions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from jaxtyping import Bool, Int
@@ -21,6 +31,34 @@ from mechvlm.image_layout import ImageSpan
 ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real", "register")
 
 RoleSpec = str | Tensor | Iterable[str | Tensor]
+
+#: The ``input_ids`` of the `HookedVLM` forward in progress (None outside a forward).
+_RUNNING_IDS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("mechvlm_running_ids", default=None)
+
+
+class RolesBatchMismatch(ValueError):
+    """An intervention built from the `TokenRoles` of one batch runs on another batch."""
+
+
+@contextlib.contextmanager
+def running_on(input_ids):
+    """Record ``input_ids`` as the batch of the forward in progress (for `check_runs_on`)."""
+    token = _RUNNING_IDS.set(input_ids if isinstance(input_ids, Tensor) else None)
+    try:
+        yield
+    finally:
+        _RUNNING_IDS.reset(token)
+
+
+def records_batch(forward):
+    """Decorator of ``HookedVLM.forward``: its ``input_ids`` (first argument) are the batch
+    in progress while it runs."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        with running_on(args[0] if args else kwargs.get("input_ids")):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -44,6 +82,9 @@ class TokenRoles:
 
     Grid (-1 where not an image token): ``image_index`` (the image's index in feature
     order), ``grid_t``, ``grid_row``, ``grid_col`` on the merged grid.
+
+    ``input_ids``: the ``[batch, pos]`` ids the roles were computed from (CPU), which
+    `check_runs_on` compares with the batch an intervention runs on.
     """
 
     image: Bool[Tensor, "batch pos"]
@@ -60,11 +101,50 @@ class TokenRoles:
     grid_row: Int[Tensor, "batch pos"]
     grid_col: Int[Tensor, "batch pos"]
     spans: list[ImageSpan] = field(default_factory=list)
+    input_ids: Int[Tensor, "batch pos"] | None = field(default=None, repr=False, compare=False)
     register: Bool[Tensor, "batch pos"] | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.image.shape
+
+    def check_runs_on(self, batch: int, pos: int, *, where: str, used_by: str) -> None:
+        """Raise `RolesBatchMismatch` unless the forward in progress is the batch these roles
+        were computed from: ``(batch, pos)`` is the activation's batch size and sequence length
+        at hook ``where``; the token ids recorded by `HookedVLM.forward` are compared too (once
+        per forward). ``used_by`` names the intervention (with its roles) in the message."""
+        ran = (int(batch), int(pos))
+        mine = tuple(self.shape)
+        running = _RUNNING_IDS.get()
+        same = ran == mine
+        if same and running is not None and self.input_ids is not None and tuple(running.shape) == mine:
+            seen = getattr(self, "_verified_ids", None)
+            if seen is None or seen() is not running:
+                ids = self.input_ids.to(running.device)
+                same = bool(torch.equal(ids, running.to(ids.dtype)))
+                if same:
+                    object.__setattr__(self, "_verified_ids", weakref.ref(running))
+            if not same:
+                raise RolesBatchMismatch(
+                    f"{used_by} was built from the TokenRoles of another batch of the same shape {mine}: "
+                    f"the token ids running at '{where}' differ. Build the roles from the batch that runs "
+                    "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks, which mechvlm "
+                    "rebuilds for every batch and generation step")
+        if not same:
+            raise RolesBatchMismatch(
+                f"{used_by} was built from TokenRoles of a batch of shape {mine} [batch, pos] but runs at "
+                f"'{where}' on a batch of shape {ran}. Build the roles from the batch that runs "
+                "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks, which mechvlm "
+                "rebuilds for every batch and generation step")
+
+    def check_ids(self, input_ids: Tensor, *, used_by: str) -> None:
+        """Raise `RolesBatchMismatch` unless ``input_ids`` are the ids of these roles."""
+        if tuple(input_ids.shape) != tuple(self.shape):
+            raise RolesBatchMismatch(f"{used_by}: the TokenRoles are of a batch of shape {tuple(self.shape)}, "
+                                     f"input_ids have shape {tuple(input_ids.shape)}")
+        if self.input_ids is not None and not torch.equal(self.input_ids, input_ids.cpu().to(self.input_ids.dtype)):
+            raise RolesBatchMismatch(f"{used_by}: the TokenRoles were computed from other input_ids "
+                                     f"of the same shape {tuple(self.shape)}")
 
     def mask(self, spec: RoleSpec) -> Bool[Tensor, "batch pos"]:
         """A role name, a boolean ``[batch, pos]`` mask, or an iterable of them (union)."""
@@ -89,7 +169,8 @@ class TokenRoles:
         return out
 
     def to(self, device) -> "TokenRoles":
-        kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw = {k: (v.to(device) if isinstance(v, Tensor) and k != "input_ids" else v) for k, v in kw.items()}
         return TokenRoles(**kw)
 
     def counts(self) -> dict[str, list[int]]:
@@ -144,5 +225,6 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
     return TokenRoles(
         image=image.to(dev), eoi=eoi.to(dev), image_start=start.to(dev), prefix=prefix.to(dev),
         text=text.to(dev), bos=bos.to(dev), pad=(~real).to(dev), last=last.to(dev), real=real.to(dev),
-        **{k: v.to(dev) for k, v in grid.items()}, spans=list(spans), register=register.to(dev),
+        **{k: v.to(dev) for k, v in grid.items()}, spans=list(spans), input_ids=ids.long().clone(),
+        register=register.to(dev),
     )

@@ -74,7 +74,10 @@ def scene(seed: int, size=(336, 224)) -> Image.Image:
 
 
 def save(fig, out: Path, name: str, dpi: int = 110) -> None:
-    fig.savefig(out / name, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    from mechvlm.fileio import atomic_write
+
+    with atomic_write(out / name, "wb") as f:  # never a half-written figure
+        fig.savefig(f, format=Path(name).suffix[1:], dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     print("wrote", out / name)
 
@@ -215,7 +218,10 @@ def main() -> None:
             im = Image.open(shot).convert("RGB")
             arr = np.asarray(im)
             rows = np.nonzero((arr < 250).any(-1).any(-1))[0]
-            im.crop((0, 0, im.width, min(im.height, rows.max() + 20))).save(out / "widgets.png", optimize=True)
+            from mechvlm.fileio import atomic_write
+
+            with atomic_write(out / "widgets.png", "wb") as f:
+                im.crop((0, 0, im.width, min(im.height, rows.max() + 20))).save(f, format="PNG", optimize=True)
             print("wrote", out / "widgets.png")
     else:
         print("no Chromium: widgets.png not regenerated", file=sys.stderr)

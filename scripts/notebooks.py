@@ -3,6 +3,7 @@
     python scripts/notebooks.py from-py notebooks/src.py notebooks/NN_name.ipynb
     python scripts/notebooks.py strip notebooks/*.ipynb     # drop outputs and execution counts
     python scripts/notebooks.py check notebooks/*.ipynb     # exit 1 if any is stored with outputs
+    python scripts/notebooks.py index                       # rewrite the notebook index in README.md
 
 A percent-format script separates cells with ``# %%`` lines; ``# %% [markdown]`` starts a
 markdown cell whose lines are written as ``# text`` comments. Notebooks are stored without
@@ -64,11 +65,44 @@ def write(nb: nbformat.NotebookNode, path: str | Path) -> None:
     write_text(path, nbformat.writes(nb) + "\n")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+INDEX_START, INDEX_END = "<!-- notebooks:start -->", "<!-- notebooks:end -->"
+
+
+def title_of(nb: nbformat.NotebookNode) -> str:
+    """The first markdown heading of the notebook."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    raise ValueError("a notebook must start with a markdown heading (its title)")
+
+
+def readme_index(root: Path = ROOT) -> str:
+    """The README's notebook list: one line per ``notebooks/*.ipynb``, in file order."""
+    lines = [f"- [{title_of(nbformat.read(p, as_version=4))}](notebooks/{p.name})"
+             for p in sorted((root / "notebooks").glob("*.ipynb"))]
+    return "\n".join([INDEX_START, *lines, INDEX_END])
+
+
+def with_index(readme: str, root: Path = ROOT) -> str:
+    """``readme`` with the text between the index markers replaced by `readme_index`."""
+    if INDEX_START not in readme or INDEX_END not in readme:
+        raise ValueError(f"README.md has no {INDEX_START} ... {INDEX_END} block")
+    head, rest = readme.split(INDEX_START, 1)
+    return head + readme_index(root) + rest.split(INDEX_END, 1)[1]
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("from-py", "strip", "check"):
+    if not argv or argv[0] not in ("from-py", "strip", "check", "index"):
         print(__doc__)
         return 2
     cmd, args = argv[0], argv[1:]
+    if cmd == "index":
+        readme = ROOT / "README.md"
+        write_text(readme, with_index(readme.read_text(encoding="utf-8")))
+        return 0
     if cmd == "from-py":
         if len(args) != 2:
             print("usage: notebooks.py from-py SRC.py OUT.ipynb")

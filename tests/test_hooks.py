@@ -63,11 +63,18 @@ def test_hook_shapes(result_model, image_batch):
     assert torch.allclose(cache["blocks.1.ln1.hook_normalized"] * cache["blocks.1.ln1.hook_scale"], x, atol=1e-5)
 
 
+def _other_last_token_(t: torch.Tensor) -> torch.Tensor:  # hook_tokens: another last text token
+    t[..., -1] = torch.where(t[..., -1] == 5, 6, 5)
+    return t
+
+
 def _perturb(t: torch.Tensor, hook) -> torch.Tensor:
     if t.dtype == torch.bool:  # attention mask: the last query may no longer see key 0
         t = t.clone()
         t[..., -1, 0] = False
         return t
+    if not t.is_floating_point():
+        return _other_last_token_(t.clone())
     return t * 1.5 + 0.1
 
 
@@ -83,6 +90,8 @@ def test_every_in_place_edit_takes_effect(result_model, image_batch):
     def scale_in_place(t, hook):
         if t.dtype == torch.bool:
             t[..., -1, 0] = False
+        elif not t.is_floating_point():
+            _other_last_token_(t)
         else:
             t.mul_(1.5).add_(0.1)
 

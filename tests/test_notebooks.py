@@ -3,13 +3,15 @@ stored without outputs.
 
 Each notebook is executed by nbclient in a fresh kernel with ``HF_HUB_OFFLINE=1`` and a
 temporary working directory (a notebook writes only there). A per-notebook budget keeps the
-set within CI's time: a cell over ``CELL_TIMEOUT`` seconds fails the test.
+set within CI's time: a cell over ``CELL_TIMEOUT`` seconds, or a notebook over
+``NOTEBOOK_TIMEOUT``, fails the test. README.md's notebook index must list every notebook.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +23,9 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 300
+# a notebook over this fails (pytest-timeout); the planned five take about a minute each on 2
+# CPU cores, so the set stays well under CI's 10-minute budget for notebooks
+NOTEBOOK_TIMEOUT = 360
 
 _spec = importlib.util.spec_from_file_location("nbtool", ROOT / "scripts" / "notebooks.py")
 nbtool = importlib.util.module_from_spec(_spec)
@@ -41,6 +46,7 @@ def execute(nb, cwd: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
@@ -71,3 +77,13 @@ def test_no_notebook_names_collide():
     numbers = [p.name.split("_", 1)[0] for p in NOTEBOOKS]
     assert len(numbers) == len(set(numbers)), numbers
     assert sys.version_info >= (3, 11)
+
+
+def test_readme_indexes_every_notebook():
+    """README.md lists exactly the notebooks in notebooks/ (titles from their first heading);
+    a notebook added without its line fails here: run `python scripts/notebooks.py index`."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert nbtool.with_index(readme) == readme, "run: python scripts/notebooks.py index"
+    links = re.findall(r"\]\((notebooks/[^)]+\.ipynb)\)", readme)
+    assert sorted(links) == sorted(f"notebooks/{p.name}" for p in NOTEBOOKS)
+    assert all((ROOT / link).is_file() for link in links)

@@ -111,6 +111,7 @@ def test_apply_registering_masks_every_forward_and_comes_off(qwen_model):
         assert apply_registering(model) is handle  # idempotent
         with torch.no_grad():
             assert torch.equal(model(**batch), masked)
+            assert torch.equal(model({k: v for k, v in batch.items() if v is not None}), masked)  # mapping form
             assert torch.equal(model.run_with_hooks(**batch, fwd_hooks=knockout(
                 roles, query="text", key="eoi", mode="pre_softmax_mask")), both)
             model.reset_hooks()  # permanent: survives a reset

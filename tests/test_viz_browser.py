@@ -91,7 +91,7 @@ setTimeout(function () {
 </script>"""
 
 
-def chromium_probe(page_html: str, tmp_path: Path, name: str) -> dict:
+def chromium_probe(page_html: str, tmp_path: Path, name: str, window: str = "1200,2400") -> dict:
     path = tmp_path / f"{name}.html"
     path.write_text(page_html.replace("<head>", "<head>" + RECORD_TEXT, 1), encoding="utf-8")
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -100,7 +100,7 @@ def chromium_probe(page_html: str, tmp_path: Path, name: str) -> dict:
            # no network: every host name fails to resolve and every proxied request fails
            "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
            "--proxy-bypass-list=<-loopback>",
-           "--window-size=1200,2400", "--virtual-time-budget=8000", "--dump-dom", path.as_uri()]
+           f"--window-size={window}", "--virtual-time-budget=8000", "--dump-dom", path.as_uri()]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, re.S)
     assert m, f"no probe output (rc {res.returncode}); stderr tail: {res.stderr[-2000:]}"
@@ -215,3 +215,128 @@ def test_notebook_style_insertion_renders(page_parts, tmp_path):
     for w in out["widgets"]:
         assert w["canvases"] and w["canvases"][-1]["colored"] > 1000, w["canvases"]
     assert "\u2039image4\u00d76\u203a (5)" in out["widgets"][2]["drawn"]
+
+
+# ------------------------------------------------------------------- the report page --
+# Measured in the live layout: every visible text fragment (a text node's line boxes, from
+# Range.getClientRects), every <img>, the rows of every data-table, and the figures' own
+# text layout (measured on the figure's renderer when it was drawn: a PNG's text is not in
+# the DOM). Overlaps: two fragments of different text nodes, or a fragment and an image,
+# whose boxes intersect by more than 1 px in both directions.
+PAGE_PROBE = """<script>
+window.addEventListener('load', function () { setTimeout(function () {
+  var frags = [], walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT), node, id = 0;
+  while ((node = walker.nextNode())) {
+    var p = node.parentElement;
+    if (!node.textContent.trim() || p.closest('script,style,title')) continue;
+    if (!p.checkVisibility({contentVisibilityAuto: true, visibilityProperty: true})) continue;  // closed <details>
+    var r = document.createRange(); r.selectNodeContents(node); id++;
+    Array.from(r.getClientRects()).forEach(function (b) {
+      if (b.width > 0.5 && b.height > 0.5)
+        frags.push({id: id, t: node.textContent.trim().slice(0, 40), x0: b.left, y0: b.top + scrollY,
+                    x1: b.right, y1: b.bottom + scrollY});
+    });
+  }
+  var imgs = Array.from(document.images).map(function (im) {
+    var b = im.getBoundingClientRect();
+    return {ok: im.complete && im.naturalWidth > 0, alt: im.alt.slice(0, 60), x0: b.left, y0: b.top + scrollY,
+            x1: b.right, y1: b.bottom + scrollY, w: b.width, nw: im.naturalWidth};
+  });
+  function hit(a, b) {
+    return Math.min(a.x1, b.x1) - Math.max(a.x0, b.x0) > 1 && Math.min(a.y1, b.y1) - Math.max(a.y0, b.y0) > 1;
+  }
+  var overlaps = [];
+  for (var i = 0; i < frags.length; i++) {
+    for (var j = i + 1; j < frags.length; j++)
+      if (frags[i].id !== frags[j].id && hit(frags[i], frags[j])) overlaps.push([frags[i].t, frags[j].t]);
+    imgs.forEach(function (im) { if (hit(frags[i], im)) overlaps.push([frags[i].t, 'img ' + im.alt]); });
+  }
+  for (var a = 0; a < imgs.length; a++)
+    for (var b = a + 1; b < imgs.length; b++) if (hit(imgs[a], imgs[b])) overlaps.push([imgs[a].alt, imgs[b].alt]);
+  var tables = {};
+  document.querySelectorAll('table[data-table]').forEach(function (t) {
+    tables[t.dataset.table] = t.querySelectorAll('tbody > tr').length;
+  });
+  var figures = Array.from(document.querySelectorAll('figure[data-figure]')).map(function (f) {
+    return {name: f.dataset.figure, boxes: +f.dataset.textBoxes, problems: +f.dataset.layoutProblems};
+  });
+  var out = {n_fragments: frags.length, overlaps: overlaps.slice(0, 20), n_overlaps: overlaps.length,
+             images: imgs, tables: tables, figures: figures, page_width: document.documentElement.scrollWidth,
+             window_width: window.innerWidth,
+             resources: performance.getEntriesByType('resource').map(function (e) { return e.name; })};
+  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+}, 300); });
+</script>"""
+
+
+def report_probe(page_html: str, tmp_path: Path, name: str, width: int = 1200) -> dict:
+    doc = page_html.replace("</body>", PAGE_PROBE + "</body>", 1)
+    return chromium_probe(doc, tmp_path, name, window=f"{width},2400")
+
+
+def _check_report_page(out: dict, labels: list[str], n_conditions: int, n_examples: int) -> None:
+    assert out["n_fragments"] > 200
+    assert out["n_overlaps"] == 0, out["overlaps"]
+    assert out["images"] and all(im["ok"] for im in out["images"]), [im for im in out["images"] if not im["ok"]]
+    assert all(im["x1"] <= out["window_width"] + 1 for im in out["images"])  # scaled into the page
+    assert out["page_width"] <= out["window_width"]  # no horizontal scrolling
+    assert [r for r in out["resources"] if not r.startswith("data:")] == []
+    t, m = out["tables"], len(labels)
+    assert t["table1"] == 2 * m  # model x knockout mode
+    assert t["outputs"] == t["per_category"] == t["circular"] == m * n_conditions
+    assert t["seed000_table1"] == 4 and t["run_info"] >= 6
+    for label in labels:
+        assert t[f"share:{label}"] == t[f"received:{label}"] == 4  # the toys' layers
+    ex = [k for k in t if k.startswith("example_outputs:")]
+    assert len(ex) == m * n_examples and all(t[k] == n_conditions for k in ex)
+    figs = out["figures"]
+    assert len(figs) == 1 + 2 * m + m * n_examples
+    assert all(f["boxes"] > 5 and f["problems"] == 0 for f in figs), figs
+
+
+@pytest.fixture(scope="module")
+def toy_report():
+    from report_helpers import toy_runs
+
+    return toy_runs()
+
+
+def test_report_page_renders_cleanly(toy_report, tmp_path):
+    """The page `mechvlm report` writes for the two shipped toys, as Chromium lays it out."""
+    from mechvlm.mmbench.conditions import CONDITIONS
+    from mechvlm.report.render import write_outputs
+
+    cfg, items, runs, info = toy_report
+    write_outputs(runs, cfg, items, tmp_path / "report", info)
+    out = report_probe((tmp_path / "report" / "report.html").read_text(encoding="utf-8"), tmp_path, "report2")
+    _check_report_page(out, [r.label for r in runs], len(CONDITIONS), len(runs[0].examples))
+
+
+@pytest.mark.parametrize("width", [1200, 800])
+def test_report_page_with_four_models_renders_cleanly(toy_report, tmp_path, width):
+    from report_helpers import relabelled
+
+    from mechvlm.mmbench.conditions import CONDITIONS
+    from mechvlm.report.page import build_page
+
+    cfg, items, runs, info = toy_report
+    labels = ["Qwen2.5-VL-7B-Instruct", "gemma-3-12b-it-long-checkpoint-name", "Qwen2.5-VL-3B-Instruct",
+              "gemma-3-4b-it"]
+    page = build_page(relabelled(runs, labels), n_items=len(items), tsv="MMBench_DEV_EN.tsv", info=info)
+    out = report_probe(page.html(), tmp_path, f"report4-{width}", width=width)
+    _check_report_page(out, labels, len(CONDITIONS), len(runs[0].examples))
+
+
+def test_page_probe_sees_overlapping_text_and_broken_images(tmp_path):
+    """Control: the probe reports text drawn over text, text over an image, and an image that
+    does not decode."""
+    doc = ('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+           '<p style="position:absolute;top:10px;left:10px">first text</p>'
+           '<p style="position:absolute;top:14px;left:20px">second text</p>'
+           '<img alt="broken" src="data:image/png;base64,AAAA" style="width:50px;height:50px">'
+           '<table data-table="t"><tbody><tr><td>a</td></tr><tr><td>b</td></tr></tbody></table></body></html>')
+    out = report_probe(doc, tmp_path, "control")
+    assert ["first text", "second text"] in out["overlaps"]
+    assert [im["ok"] for im in out["images"]] == [False]
+    assert out["tables"] == {"t": 2}

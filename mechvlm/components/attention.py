@@ -41,7 +41,11 @@ class Attention(nn.Module):
 
     Weights are ``nn.Linear`` in HF layout (q/k/v with bias for Qwen, o without);
     TransformerLens views ``W_Q``, ``W_K``, ``W_V`` ``[head, d_model, d_head]``, ``W_O``
-    ``[head, d_head, d_model]`` and ``b_Q/b_K/b_V``, ``b_O`` are properties.
+    ``[head, d_head, d_model]`` and ``b_Q/b_K/b_V``, ``b_O`` are properties. As in
+    TransformerLens' grouped-query attention, ``W_K``/``W_V``/``b_K``/``b_V`` are repeated to
+    the query heads (query head ``h`` reads KV head ``h // (head / kv_head)``), so
+    ``FactoredMatrix(W_Q, W_K.mT)`` is the per-head QK circuit; ``_W_K``/``_W_V``/``_b_K``/
+    ``_b_V`` are the raw ``[kv_head, ...]`` weights.
 
     Hooks (``head`` = query heads, ``kv_head`` = key/value heads under GQA):
         hook_q: ``[batch, pos, head, d_head]`` queries before RoPE (after q_norm if any).
@@ -54,8 +58,15 @@ class Attention(nn.Module):
         hook_pattern: ``[batch, head, q, k]`` softmax (fp32, cast back). Rows with no
             allowed key (left-padding queries) are all zero, as SDPA returns them.
         hook_z: ``[batch, pos, head, d_head]`` the pattern-weighted values.
-        hook_result: ``[batch, pos, head, d_model]`` per-head output; exists only when
-            ``cfg.use_attn_result`` (see ``HookedVLM.set_use_attn_result``).
+        hook_result: ``[batch, pos, head, d_model]`` what each head adds to the residual;
+            exists only when ``cfg.use_attn_result`` (see ``HookedVLM.set_use_attn_result``).
+            With a sandwich post-norm (Gemma3's ``ln1_post``) each head's ``z @ W_O`` goes
+            through that norm at the layer's actual scale (`RMSNorm.forward_parts`), so the
+            heads sum to ``hook_attn_out``.
+
+    ``forward(..., qkv_inputs=(q_in, k_in, v_in))`` takes per-head inputs (already
+    normalised) ``[batch, pos, head | kv_head, d_model]`` instead of ``x``: TransformerLens'
+    ``use_split_qkv_input`` / ``use_attn_in``.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, d_head: int, scale: float,
@@ -88,14 +99,28 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        x: Float[Tensor, "batch pos d_model"] | None,
         rope: tuple[Tensor, Tensor],
         mask: AttentionMask,
+        *,
+        qkv_inputs: tuple[Tensor, Tensor, Tensor] | None = None,
+        post_norm: nn.Module | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        b, p, _ = x.shape
-        q = self.q_proj(x).view(b, p, self.n_heads, self.d_head)
-        k = self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)
-        v = self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head)
+        if qkv_inputs is None:
+            b, p, _ = x.shape
+            q = self.q_proj(x).view(b, p, self.n_heads, self.d_head)
+            k = self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)
+            v = self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head)
+        else:
+            q_in, k_in, v_in = qkv_inputs
+            b, p = q_in.shape[:2]
+            per_head = "b p head d_model, head d_model d_head -> b p head d_head"
+            q = einops.einsum(q_in, self.W_Q, per_head) + self.b_Q
+            # K/V inputs per KV head (split qkv), or per query head (attn_in): then every
+            # query head gets its own K/V, from its own copy of the input
+            grouped = k_in.shape[2] == self.n_kv_heads
+            k = einops.einsum(k_in, self._W_K if grouped else self.W_K, per_head) + (self._b_K if grouped else self.b_K)
+            v = einops.einsum(v_in, self._W_V if grouped else self.W_V, per_head) + (self._b_V if grouped else self.b_V)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
@@ -118,21 +143,23 @@ class Attention(nn.Module):
             z = self._sdpa(q, k, v, allowed if allowed is not None else mask.sdpa_mask(self.window))
         z = self.hook_z(z)
         if self.hook_result is not None and self.hook_result.is_observed():
-            result = self.hook_result(einops.einsum(
-                z, self.W_O, "b p head d_head, head d_head d_model -> b p head d_model"))
-            return result.sum(dim=2)
-        return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
+            result = einops.einsum(z, self.W_O, "b p head d_head, head d_head d_model -> b p head d_model")
+            if post_norm is not None:
+                result = post_norm.forward_parts(result)
+            return self.hook_result(result).sum(dim=2)
+        out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
+        return post_norm(out) if post_norm is not None else out
 
     def _sdpa(self, q, k, v, allowed: Bool[Tensor, "batch h q k"] | None) -> Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=k.shape[1] != self.n_heads,
         )
         return out.transpose(1, 2)
 
     def _explicit(self, q, k, v, allowed: Bool[Tensor, "batch h q k"], zero_empty_rows: bool) -> Tensor:
-        rep = self.n_heads // self.n_kv_heads
+        rep = self.n_heads // k.shape[2]
         q = q.transpose(1, 2)
         k = repeat_kv(k.transpose(1, 2), rep)
         v = repeat_kv(v.transpose(1, 2), rep)
@@ -158,13 +185,24 @@ class Attention(nn.Module):
     def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
         return self._heads_in(self.q_proj, self.n_heads)
 
+    def _to_query_heads(self, t: Tensor) -> Tensor:
+        return t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
     @property
-    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+    def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
         return self._heads_in(self.k_proj, self.n_kv_heads)
 
     @property
-    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+    def _W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
         return self._heads_in(self.v_proj, self.n_kv_heads)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._to_query_heads(self._W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._to_query_heads(self._W_V)
 
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]:
@@ -176,12 +214,34 @@ class Attention(nn.Module):
         return self._bias(self.q_proj, self.n_heads)
 
     @property
-    def b_K(self) -> Float[Tensor, "kv_head d_head"]:
+    def _b_K(self) -> Float[Tensor, "kv_head d_head"]:
         return self._bias(self.k_proj, self.n_kv_heads)
 
     @property
-    def b_V(self) -> Float[Tensor, "kv_head d_head"]:
+    def _b_V(self) -> Float[Tensor, "kv_head d_head"]:
         return self._bias(self.v_proj, self.n_kv_heads)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        return self._to_query_heads(self._b_K)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        return self._to_query_heads(self._b_V)
+
+    @property
+    def OV(self):
+        """The per-head OV circuit ``W_V @ W_O`` as a TransformerLens ``FactoredMatrix``."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self):
+        """The per-head QK circuit ``W_Q @ W_K^T`` (before RoPE) as a ``FactoredMatrix``."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def b_O(self) -> Float[Tensor, " d_model"]:

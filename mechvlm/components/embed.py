@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mechvlm.hook_points import HookPoint
+
 
 class Embed(nn.Module):
     """Token embedding ``W_E[input_ids] * scale``.
@@ -31,14 +33,24 @@ class Embed(nn.Module):
 
 class Unembed(nn.Module):
     """``logits = x @ W_U``; the weight is stored ``[d_vocab, d_model]`` like HF's lm_head
-    (and is the same Parameter as ``Embed.W_E`` when the model ties them)."""
+    (and is the same Parameter as ``Embed.W_E`` when the model ties them).
+
+    Hooks (the names of TransformerLens' bridge): hook_in ``[batch, pos, d_model]`` the
+    final-normed residual, hook_out ``[batch, pos, d_vocab]`` the logits."""
 
     def __init__(self, d_model: int, d_vocab: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return F.linear(x, self.weight)
+        return self.hook_out(F.linear(self.hook_in(x), self.weight))
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """Zero: neither family has an unembedding bias."""
+        return self.weight.new_zeros(self.weight.shape[0])
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:

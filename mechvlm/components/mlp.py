@@ -53,6 +53,10 @@ class GatedMLP(nn.Module):
         return self.down_proj.weight.T
 
     @property
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
+        return self.up_proj.weight.new_zeros(self.up_proj.out_features)
+
+    @property
     def b_out(self) -> Float[Tensor, " d_model"]:
         return torch.zeros(self.down_proj.out_features, dtype=self.down_proj.weight.dtype,
                            device=self.down_proj.weight.device)

@@ -14,31 +14,34 @@ def load_hf_eager(name_or_path: str, *, dtype: torch.dtype | None = None,
     checkpoint's)."""
     import transformers
 
+    from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
     from mechvlm.models import family_for
 
-    config = transformers.AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
+    config = load_hf_config(name_or_path, **hf_kwargs)
     cls = getattr(transformers, family_for(config).hf_class_name)
-    model = cls.from_pretrained(name_or_path, dtype=dtype or "auto", attn_implementation="eager", **hf_kwargs)
+    model = load_hf_checked(cls, name_or_path, dtype=dtype or "auto", attn_implementation="eager", **hf_kwargs)
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False)
 
 
-def try_processor(name_or_path: str | None, **hf_kwargs):
-    """``(AutoProcessor.from_pretrained(...), "")``, or ``(None, why not)`` when there is
-    none (a tiny test dir without tokenizer files, or an environment that cannot build it:
-    in transformers 5.23 the Qwen2.5-VL processor needs torchvision for its video part)."""
+def try_input_builder(name_or_path: str | None):
+    """``(InputBuilder.from_pretrained(dir), "")``: the checkpoint's own tokenizer (chat
+    template) and image processor, expanding each image to the model config's number of
+    tokens; or ``(None, why not)`` when the directory has none (a tiny test dir without
+    tokenizer files). HF's ``AutoProcessor`` is not used: in transformers 5.x the Qwen2.5-VL
+    processor needs torchvision for its video part, and a Gemma3 processor saved without
+    ``image_seq_length`` expands an image to 256 tokens whatever the model's config says."""
     if not isinstance(name_or_path, str):
         return None, "the model was given in memory"
-    try:
-        from transformers import AutoProcessor
+    from mechvlm.processing import InputBuilder
 
-        proc = AutoProcessor.from_pretrained(name_or_path, **hf_kwargs)
-    except Exception as e:  # noqa: BLE001 - no processor files, no tokenizer, ...
-        return None, f"AutoProcessor failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    if not (hasattr(proc, "image_processor") and hasattr(proc, "tokenizer")):
-        return None, f"AutoProcessor gave a {type(proc).__name__}, not a multimodal processor"
-    return proc, ""
+    try:
+        builder = InputBuilder.from_pretrained(name_or_path)
+    except Exception as e:  # noqa: BLE001 - no tokenizer, no chat template, no image processor, ...
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else repr(e)
+        return None, f"InputBuilder.from_pretrained failed: {type(e).__name__}: {msg}"
+    return builder, ""
 
 
 def synthetic_image(size: int = 224):
@@ -51,18 +54,16 @@ def synthetic_image(size: int = 224):
     return Image.fromarray((rgb * 255).clamp(0, 255).to(torch.uint8).numpy(), "RGB")
 
 
-def processor_inputs(processor, image=None, prompt: str | None = None) -> dict:
-    """Chat-template inputs for one image and one prompt (the processor's own output,
-    including ``mm_token_type_ids`` / ``token_type_ids``)."""
+def builder_inputs(builder, image=None, prompt: str | None = None) -> dict:
+    """Chat-template inputs for one image (a path or PIL image; default `synthetic_image`)
+    and one prompt, built by `mechvlm.processing.InputBuilder`."""
     from PIL import Image
 
     if image is None:
         image = synthetic_image()
     elif not isinstance(image, Image.Image):
         image = Image.open(image).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt or DEFAULT_PROMPT}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return dict(processor(text=[text], images=[image], return_tensors="pt"))
+    return builder([prompt or DEFAULT_PROMPT], [[image]])
 
 
 def synthetic_inputs(config, seed: int = 0) -> dict:
@@ -96,12 +97,13 @@ def synthetic_inputs(config, seed: int = 0) -> dict:
 
 def build_inputs(config, source: str | None = None, *, image=None, prompt: str | None = None,
                  seed: int = 0, **hf_kwargs) -> tuple[dict, str]:
-    """Inputs and how they were made: with the processor of ``source`` when it has one
-    (``image``: a path or PIL image, default a synthetic picture), otherwise a synthetic
-    prompt of the model's family (``image``/``prompt`` then cannot be used)."""
-    processor, why = try_processor(source, **hf_kwargs)
-    if processor is not None:
-        return processor_inputs(processor, image, prompt), "processor"
+    """Inputs and how they were made: with the checkpoint's own tokenizer and image
+    processor (`InputBuilder`) when ``source`` has them (``image``: a path or PIL image,
+    default a synthetic picture), otherwise a synthetic prompt of the model's family
+    (``image``/``prompt`` then cannot be used)."""
+    builder, why = try_input_builder(source)
+    if builder is not None:
+        return builder_inputs(builder, image, prompt), "processor"
     if image is not None or prompt is not None:
         raise ValueError(f"{source!r} has no usable processor ({why}), so an image/prompt cannot be "
                          "turned into inputs; leave both out for a synthetic prompt, or pass a batch")

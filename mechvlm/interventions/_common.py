@@ -43,4 +43,7 @@ def head_selector(heads: Iterable[int] | int | None) -> list[int] | None:
     heads = sorted(set(int(h) for h in heads))
     if not heads:
         raise ValueError("an empty head selection")
+    if heads[0] < 0:
+        raise ValueError(f"heads: {heads[0]} is not a head index (heads count from 0; negative indices "
+                         "are refused rather than wrapped)")
     return heads

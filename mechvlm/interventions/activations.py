@@ -152,6 +152,10 @@ def skip_sublayers(
     pos = OnDevice(positions)
 
     def zero_out(out: Tensor, hook) -> Tensor:
+        if tuple(positions.shape) != tuple(out.shape[:2]):
+            raise ValueError(f"skip_sublayers: positions mask {tuple(positions.shape)} does not match "
+                             f"[batch, pos] = {tuple(out.shape[:2])} at '{hook.name}' (it was built for "
+                             "another batch)")
         return out.masked_fill(pos.get(out.device)[:, :, None], 0.0)
 
     hooks: Hooks = []

@@ -14,6 +14,15 @@ from mechvlm.roles import RoleSpec, TokenRoles
 KNOCKOUT_MODES = ("post_softmax_zero", "pre_softmax_mask")
 
 
+def _spec(spec: RoleSpec) -> str:
+    """A role spec for messages: ``'text'``, ``['text', 'eoi']``, ``<mask [1, 18]>``."""
+    if isinstance(spec, str):
+        return repr(spec)
+    if isinstance(spec, Tensor):
+        return f"<mask {list(spec.shape)}>"
+    return "[" + ", ".join(_spec(s) for s in spec) + "]"
+
+
 def role_pairs(roles: TokenRoles, query: RoleSpec, key: RoleSpec) -> Bool[Tensor, "batch q k"]:
     """``[batch, q, k]``: True where a query of role ``query`` meets a key of role ``key``."""
     q, k = roles.mask(query), roles.mask(key)
@@ -25,7 +34,7 @@ def blocked_entries(pairs: Tensor, heads: list[int] | None, n_heads: int) -> Boo
     if heads is None:
         return pairs[:, None]
     if max(heads) >= n_heads:
-        raise ValueError(f"head {max(heads)} does not exist (the layer has {n_heads} heads)")
+        raise ValueError(f"heads: head {max(heads)} does not exist (the layer has {n_heads} heads)")
     sel = torch.zeros(n_heads, dtype=torch.bool, device=pairs.device)
     sel[heads] = True
     return pairs[:, None] & sel[None, :, None, None]
@@ -60,15 +69,18 @@ def knockout(
         raise ValueError(f"unknown knockout mode {mode!r}; choose one of {KNOCKOUT_MODES}")
     pairs = OnDevice(role_pairs(roles, query, key))
     head_list = head_selector(heads)
+    label = f"knockout(query={_spec(query)}, key={_spec(key)})"
 
     if mode == "post_softmax_zero":
         def zero_pattern(pattern: Tensor, hook) -> Tensor:
+            roles.check_runs_on(pattern.shape[0], pattern.shape[-1], where=hook.name, used_by=label)
             cut = blocked_entries(pairs.get(pattern.device), head_list, pattern.shape[1])
             return pattern.masked_fill(cut, 0.0)
 
         return [(name, zero_pattern) for name in layer_names(layers, "attn.hook_pattern")]
 
     def mask_out(mask: Tensor, hook) -> Tensor:
+        roles.check_runs_on(mask.shape[0], mask.shape[-1], where=hook.name, used_by=label)
         cut = blocked_entries(pairs.get(mask.device), head_list, hook.n_heads)
         return mask & ~cut
 

@@ -56,6 +56,7 @@ def mitre_mask(
     cut = OnDevice(((src[:, :, None] & reg[:, None, :]) | (tgt[:, :, None] & src[:, None, :]))[:, None])
 
     def apply(mask: Tensor, hook) -> Tensor:
+        roles.check_runs_on(mask.shape[0], mask.shape[-1], where=hook.name, used_by="mitre_mask")
         return (mask | add.get(mask.device)) & ~cut.get(mask.device)
 
     return [(name, apply) for name in layer_names(layers, "attn.hook_attn_mask")]
@@ -73,6 +74,7 @@ def gist_mask(
     cut = OnDevice(_after_last(gist)[:, None, :, None] & _before_first(gist)[:, None, None, :])
 
     def apply(mask: Tensor, hook) -> Tensor:
+        roles.check_runs_on(mask.shape[0], mask.shape[-1], where=hook.name, used_by="gist_mask")
         return mask & ~cut.get(mask.device)
 
     return [(name, apply) for name in layer_names(layers, "attn.hook_attn_mask")]

@@ -29,6 +29,7 @@ def register_mask(
     cut = OnDevice((txt[:, :, None] & roles.mask(image)[:, None, :])[:, None])
 
     def apply(mask: Tensor, hook) -> Tensor:
+        roles.check_runs_on(mask.shape[0], mask.shape[-1], where=hook.name, used_by="register_mask")
         return mask & ~cut.get(mask.device)
 
     return [(name, apply) for name in layer_names(layers, "attn.hook_attn_mask")]
@@ -51,6 +52,7 @@ def insert_registers(
     """
     if n < 0:
         raise ValueError("n must be >= 0")
+    roles.check_ids(input_ids, used_by="insert_registers")
     real = roles.real.cpu()
     eoi = roles.eoi.cpu()
     rows, regs = [], []

@@ -8,6 +8,7 @@ from typing import Any
 from jaxtyping import Bool
 from torch import Tensor
 
+from mechvlm.hook_points import check_hook_list
 from mechvlm.roles import TokenRoles
 
 Batch = Mapping[str, Any]
@@ -82,11 +83,13 @@ def resolve(roles: TokenRoles, spec: Selection) -> Bool[Tensor, "batch pos"]:
 
 
 def user_hooks(fwd_hooks: FwdHooks, batch: Batch, roles: TokenRoles) -> Hooks:
+    """The hook list of ``fwd_hooks`` for this batch (a list, or a callable's result); a
+    `TypeError` naming the expected form for anything else (a dict, one bare pair)."""
     if fwd_hooks is None:
         return []
     if callable(fwd_hooks):
-        return list(fwd_hooks(batch, roles))
-    return list(fwd_hooks)
+        return check_hook_list(fwd_hooks(batch, roles), "fwd_hooks(batch, roles)")
+    return check_hook_list(fwd_hooks, "fwd_hooks")
 
 
 def hook_matches(name_or_filter: Any, name: str) -> bool:

@@ -87,6 +87,9 @@ class QueryAttention:
     def __init__(self, model, layers: list[int], query_mask: Bool[Tensor, "batch pos"],
                  reduce: Callable[[int, Tensor], Tensor], other_hooks: Hooks = (),
                  query_chunk: int | None = None):
+        if query_chunk is not None and (isinstance(query_chunk, bool) or int(query_chunk) != query_chunk
+                                        or query_chunk < 1):
+            raise ValueError(f"query_chunk must be a positive number of query rows (or None), got {query_chunk!r}")
         self.model = model
         self.layers = list(layers)
         self.reduce = reduce

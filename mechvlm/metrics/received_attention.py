@@ -132,6 +132,9 @@ def received_attention(
     layer_list = select_layers(model, layers)
     head_list = select_heads(model, heads)
     thresholds = tuple(float(t) for t in thresholds)
+    bad = [t for t in thresholds if not 0.0 < t <= 1.0]
+    if bad or not thresholds:
+        raise ValueError(f"thresholds must be fractions of the mass in (0, 1], got {list(thresholds)}")
     x = torch.linspace(0, 1, n_grid)
     received, positions, fracs, fracs_mean, curves = [], [], [], [], []
     head_curve_sum = torch.zeros(len(layer_list), len(head_list), n_grid, dtype=torch.float64)

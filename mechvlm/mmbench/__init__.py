@@ -17,11 +17,11 @@ from mechvlm.mmbench.extract import OUTPUT_KINDS, RULES, can_infer, classify_out
 from mechvlm.mmbench.prompt import mmbench_prompt
 from mechvlm.mmbench.report_tables import load_results, outputs_table, print_report, save_results, table1
 from mechvlm.mmbench.scoring import accuracy_std, score_records
-from mechvlm.mmbench.tsv import MMBenchFormatError, MMBenchItem, load_mmbench, write_mmbench
+from mechvlm.mmbench.tsv import MMBenchFormatError, MMBenchItem, check_item_images, load_mmbench, write_mmbench
 
 __all__ = [
     "CONDITIONS", "DIRECTIONS", "OUTPUT_KINDS", "RULES", "Condition", "InputBuilder", "MMBenchFormatError",
-    "MMBenchItem", "accuracy_std", "can_infer", "classify_output", "evaluate", "evaluate_condition",
+    "MMBenchItem", "accuracy_std", "can_infer", "check_item_images", "classify_output", "evaluate", "evaluate_condition",
     "load_mmbench", "load_results", "mmbench_prompt", "outputs_table", "print_report", "resolve_conditions",
     "save_results", "score_records", "table1", "write_mmbench",
 ]

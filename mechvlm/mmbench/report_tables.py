@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from mechvlm.fileio import atomic_write, write_text
 from mechvlm.mmbench.conditions import DIRECTIONS
 from mechvlm.mmbench.extract import OUTPUT_KINDS
 
@@ -62,6 +63,11 @@ def _meta(name: str, summary: Mapping) -> tuple[str, str | None]:
 
 def table1(results: Mapping, *, model: str = "model") -> str:
     """Seed 000 Table 1 as a markdown table (see the module docstring)."""
+    return _markdown(*table1_rows(results, model=model))
+
+
+def table1_rows(results: Mapping, *, model: str = "model") -> tuple[list[str], list[list[str]]]:
+    """Seed 000 Table 1 as ``(header, rows)`` of strings (what `table1` prints)."""
     models = by_model(results, model)
     extra = list(dict.fromkeys(d for conds in models.values() for n, s in conds.items()
                                if (d := _meta(n, s)[0]) not in DIRECTIONS))
@@ -75,7 +81,7 @@ def table1(results: Mapping, *, model: str = "model") -> str:
                 match = [s for n, s in conds.items() if _meta(n, s)[0] == d and _meta(n, s)[1] in (mode, None)]
                 cells.append(fmt_score(match[0]["accuracy"], match[0]["std"]) if match else "")
             rows.append([m, mode or "", *cells])
-    return _markdown(["model", "mode", *[COLUMN_LABELS.get(c, c) for c in columns]], rows)
+    return ["model", "mode", *[COLUMN_LABELS.get(c, c) for c in columns]], rows
 
 
 def outputs_table(results: Mapping, *, model: str = "model") -> str:
@@ -130,12 +136,25 @@ def item_rows(results: Mapping, *, model: str = "model") -> list[dict]:
     return out
 
 
+#: A text cell starting with one of these is read as a formula by spreadsheets (OWASP, "CSV
+#: injection"): ``=1+1``, ``+cmd``, ``-2+3``, ``@SUM(...)``, and tab / carriage return.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """A CSV cell that a spreadsheet shows as text: a string starting with
+    `FORMULA_STARTS` gets a leading single quote (OWASP's advice); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _write_csv(path: Path, columns, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: "" if v is None else v for k, v in r.items()})
+            w.writerow({k: "" if v is None else csv_safe(v) for k, v in r.items()})
 
 
 def save_results(results: Mapping, out_dir: str | os.PathLike, *, prefix: str = "mmbench",
@@ -148,8 +167,7 @@ def save_results(results: Mapping, out_dir: str | os.PathLike, *, prefix: str = 
     models = by_model(results, model)
     paths = {"json": out / f"{prefix}.json", "items": out / f"{prefix}_items.csv",
              "summary": out / f"{prefix}_summary.csv"}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(models, f, ensure_ascii=False, indent=1)
+    write_text(paths["json"], json.dumps(models, ensure_ascii=False, indent=1))
     _write_csv(paths["items"], ITEM_COLUMNS, item_rows(models))
     _write_csv(paths["summary"], SUMMARY_COLUMNS, summary_rows(models))
     return paths

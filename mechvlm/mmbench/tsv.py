@@ -21,6 +21,12 @@ reads them through ``pandas.read_csv(sep="\\t")``):
 * Optional columns (``source``, ``comment``, ``l2-category``, ``split``, and also
   ``hint``, ``answer``, ``category``, ``image``, ``C``, ``D``) may be absent.
 * Fields are large (base64 images): the csv field-size limit is raised.
+
+What is refused, with a `MMBenchFormatError` naming the TSV line and the row's index, at
+load time (before any model is loaded): bytes that are not UTF-8, a row with more or fewer
+fields than the header, an answer that is not one of the row's option letters (``E`` with
+options A-D, ``a``, ``AB``), and (`check_item_images`) an image that is not valid base64
+or does not decode completely (a truncated file).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import string
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from mechvlm.fileio import atomic_write
 
 #: Copy ``k`` of a circular question has index ``index + k * CIRCULAR_OFFSET``.
 CIRCULAR_OFFSET = 1_000_000
@@ -82,6 +90,7 @@ class MMBenchItem:
     image: str | None = field(default=None, repr=False)
     source: str = ""
     comment: str = ""
+    line: int = field(default=0, compare=False, repr=False)  # the TSV line (0: not from a file)
 
     @property
     def group(self) -> int:
@@ -101,8 +110,15 @@ class MMBenchItem:
             from PIL import Image
         except ImportError as e:  # pragma: no cover
             raise ImportError("MMBenchItem.pil_image() needs Pillow (pip install pillow)") from e
-        img = Image.open(io.BytesIO(base64.b64decode(self.image)))
-        return img.convert("RGB")
+        try:
+            img = Image.open(io.BytesIO(base64.b64decode(self.image)))
+            return img.convert("RGB")
+        except (ValueError, OSError, SyntaxError) as e:  # binascii.Error, UnidentifiedImageError, truncated
+            raise MMBenchFormatError(f"{self.where()}: the image does not decode ({type(e).__name__}: {e})") from e
+
+    def where(self) -> str:
+        """``line 7 (index 3)`` for messages."""
+        return f"line {self.line} (index {self.index})" if self.line else f"index {self.index}"
 
 
 def is_missing(value: str | None) -> bool:
@@ -134,32 +150,52 @@ def _parse_index(value: str, row: int) -> int:
     raise MMBenchFormatError(f"row {row}: index {value!r} is not an integer")
 
 
-def load_mmbench(path: str | os.PathLike) -> list[MMBenchItem]:
+def _read_text(path) -> str:
+    """The file as text (a leading BOM dropped); bytes that are not UTF-8 raise, naming the
+    line and the index of the row they are in."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        head = data[data.rfind(b"\n", 0, e.start) + 1:e.start]  # the line up to the bad byte
+        where = f"line {line}"
+        if line > 1 and b"\t" in head:
+            index = head.split(b"\t", 1)[0].decode("utf-8", "replace").strip()
+            where += f" (index {index})"
+        raise MMBenchFormatError(f"{path}, {where}: byte 0x{data[e.start]:02x} at offset {e.start} is not "
+                                 "UTF-8; MMBench TSVs are UTF-8 text") from None
+
+
+def load_mmbench(path: str | os.PathLike, *, check_images: bool = True) -> list[MMBenchItem]:
     """Read an MMBench TSV into `MMBenchItem` rows, in file order (quirks: see the module).
 
-    Raises `MMBenchFormatError` for a missing required column (index, question, A, B), a
-    duplicate or non-integer index, or an image reference to a row that does not exist or
-    has no image of its own.
+    Raises `MMBenchFormatError` (naming the line and index) for a missing required column
+    (index, question, A, B), a duplicate or non-integer index, bytes that are not UTF-8, a
+    row with the wrong number of fields, an answer that is not one of the row's option
+    letters, an image reference to a row that does not exist or has no image of its own,
+    and (``check_images``, `check_item_images`) an image that does not decode.
     """
     _raise_field_size_limit()
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is dropped
-        reader = csv.reader(f, delimiter="\t")
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise MMBenchFormatError(f"{path}: empty file (no header)") from None
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise MMBenchFormatError(f"{path}: missing column(s) {missing}; header is {header}")
-        rows = []
-        for line_no, values in enumerate(reader, start=2):
-            if not values or all(not v.strip() for v in values):
-                continue
-            if len(values) != len(header):
-                raise MMBenchFormatError(
-                    f"{path}, line {line_no}: {len(values)} fields for {len(header)} columns")
-            rows.append((line_no, dict(zip(header, values))))
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter="\t")
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise MMBenchFormatError(f"{path}: empty file (no header)") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise MMBenchFormatError(f"{path}: missing column(s) {missing}; header is {header}")
+    rows = []
+    for values in reader:
+        line_no = reader.line_num
+        if not values or all(not v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            raise MMBenchFormatError(
+                f"{path}, line {line_no} (index {values[0].strip()}): {len(values)} fields for "
+                f"{len(header)} columns (a tab too many or too few, or an unclosed quote)")
+        rows.append((line_no, dict(zip(header, values))))
 
     def cell(row: Mapping[str, str], col: str) -> str | None:
         v = row.get(col)
@@ -182,11 +218,16 @@ def load_mmbench(path: str | os.PathLike) -> list[MMBenchItem]:
         if image is not None and len(image) <= IMAGE_REF_MAX_CHARS:
             image = _resolve_image_ref(path, idx, image, raw_images)
         answer = cell(row, "answer")
+        options = {c: row[c] for c in letters if cell(row, c) is not None}
+        if answer is not None and answer.strip() not in options:
+            raise MMBenchFormatError(
+                f"{path}, line {line_no} (index {idx}): answer {answer.strip()!r} is not one of the row's "
+                f"option letters {list(options)}")
         items.append(MMBenchItem(
             index=idx,
             question=row["question"],
             hint=cell(row, "hint"),
-            options={c: row[c] for c in letters if cell(row, c) is not None},
+            options=options,
             answer=answer.strip() if answer is not None else None,
             category=cell(row, "category") or "",
             l2_category=cell(row, "l2-category") or "",
@@ -194,8 +235,34 @@ def load_mmbench(path: str | os.PathLike) -> list[MMBenchItem]:
             image=image,
             source=cell(row, "source") or "",
             comment=cell(row, "comment") or "",
+            line=line_no,
         ))
+    if check_images:
+        check_item_images(items, path)
     return items
+
+
+def check_item_images(items: Iterable[MMBenchItem], path: str | os.PathLike | None = None) -> None:
+    """Decode every image of ``items`` completely (each distinct image once): broken base64,
+    a file that is not an image and a truncated image raise `MMBenchFormatError` naming the
+    line and index of the first row that uses it. Costs a few ms per image."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return
+    seen: set[int] = set()
+    for it in items:
+        if it.image is None or id(it.image) in seen:
+            continue
+        seen.add(id(it.image))
+        try:
+            data = base64.b64decode(it.image)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except (ValueError, OSError, SyntaxError) as e:  # binascii.Error, UnidentifiedImageError, truncated
+            where = f"{path}, {it.where()}" if path is not None else it.where()
+            raise MMBenchFormatError(f"{where}: the image is not a complete base64-encoded image "
+                                     f"({type(e).__name__}: {e})") from e
 
 
 def _resolve_image_ref(path, idx: int, ref: str, raw_images: Mapping[int, str]) -> str:
@@ -263,7 +330,7 @@ def write_mmbench(items_or_rows: Iterable[MMBenchItem | Mapping], path: str | os
                 else:
                     first[img] = row["index"]
     _raise_field_size_limit()
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # never a half-written TSV
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(columns)
         for row in rows:

@@ -153,6 +153,33 @@ def check_input_ids(input_ids: Tensor) -> None:
         raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
 
 
+def check_image_embeds(image_embeds, n_image_tokens: int, d_model: int, device: torch.device) -> None:
+    """Refuse precomputed image features that cannot be the ``[n_image_tokens, d_model]``
+    vision output of this batch: another shape (even with the same element count, e.g.
+    ``[d_model, n]``), another device, or the meta device."""
+    if not isinstance(image_embeds, Tensor):
+        raise TypeError(f"image_embeds must be a torch.Tensor [n_image_tokens, d_model], got "
+                        f"{type(image_embeds).__name__}")
+    if not n_image_tokens:
+        raise ValueError("image_embeds given, but input_ids hold no image token: they would be ignored")
+    if image_embeds.is_meta:
+        raise ValueError("image_embeds is on the meta device (it has no values)")
+    if image_embeds.device != torch.device(device):
+        raise ValueError(f"image_embeds is on {image_embeds.device}, the model on {device}: "
+                         "move it with .to(model.device)")
+    if not image_embeds.is_floating_point():
+        raise TypeError(f"image_embeds must be a floating-point tensor, got {image_embeds.dtype}")
+    shape = tuple(image_embeds.shape)
+    if shape != (n_image_tokens, d_model):
+        why = ""
+        if len(shape) == 2 and shape[1] == d_model:
+            why = f": the image features hold {shape[0]} token vectors but the input has {n_image_tokens}"
+        elif len(shape) == 2 and shape == (d_model, n_image_tokens):
+            why = ": it looks transposed"
+        raise ValueError(f"image_embeds has shape {shape}; it must be [n_image_tokens, d_model] = "
+                         f"[{n_image_tokens}, {d_model}]{why}")
+
+
 _FAMILIES: dict[str, ModelFamily] = {}
 
 

@@ -126,6 +126,7 @@ class Gemma3Family(ModelFamily):
             eos_token_id=tc.eos_token_id,
             pad_token_id=tc.pad_token_id,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            n_ctx=getattr(tc, "max_position_embeddings", None),
             dtype=dtype,
             device=str(device),
             extra={"mm_tokens_per_image": mm, "image_size": int(hf_config.vision_config.image_size),

@@ -83,6 +83,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             pad_token_id=tc.pad_token_id,
             spatial_merge_size=hf_config.vision_config.spatial_merge_size,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            n_ctx=getattr(tc, "max_position_embeddings", None),
             dtype=dtype,
             device=str(device),
         )

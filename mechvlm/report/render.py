@@ -1,23 +1,23 @@
-"""Write the report: ``report.html`` (self-contained: PNG figures embedded, tables),
-``results.json`` (every number), the MMBench CSVs, and a printed summary."""
+"""Write the report: ``report.html`` (self-contained: PNG figures embedded, HTML tables),
+``results.json`` (every number), the MMBench CSVs, and a printed summary.
+
+``results.json`` holds one entry per model under ``"models"`` (in ``--model`` order) and
+the run info under ``"run"``. The keys of the one-model format stay at the top level and
+describe the **first** model (``model``, ``model_type``, ``attention_share``,
+``received_attention``, ``knockout``, ``analyses``); ``mmbench``, ``n_items``, ``config``
+and ``wall_s`` (the whole run) are shared.
+"""
 
 from __future__ import annotations
 
-import html
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from ..fileio import write_json, write_text
 from ..mmbench.report_tables import outputs_table, save_results, table1
-
-MODE_NOTE = (
-    "Two readings of the knockout (METHODS §3). pre_softmax_mask sets the blocked scores to "
-    "-inf before the softmax, so each row renormalises and the blocked keys are fully cut. "
-    "post_softmax_zero zeroes the weights after the softmax without renormalising (seed 000 "
-    "Eq. 3-4 as written): the blocked keys stay in the denominator, and part of their effect "
-    "leaks through the unchanged values of the other keys.")
+from .page import MODE_NOTE, NOT_SCORED_NOTE, build_page, scored  # noqa: F401  (kept for importers)
 
 
 def _jsonable(x):
@@ -51,70 +51,60 @@ def metric_summary(share, received) -> dict:
     }
 
 
-def _table(header: list, rows: list[list], caption: str) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return (f'<table class="mechvlm-table"><caption>{html.escape(caption)}</caption>'
-            f"<tr>{th}</tr>{body}</table>")
+def model_entry(run) -> dict:
+    """One model's part of ``results.json``."""
+    examples = [{k: v for k, v in e.items() if k not in ("figure_html",)} for e in run.examples]
+    return {"label": run.label, "model": run.path, "model_type": run.model_type, "n_layers": run.n_layers,
+            **metric_summary(run.share, run.received), "knockout": run.knockout, "analyses": run.analyses,
+            "examples": examples, "wall_s": run.wall_s}
 
 
-def _per_layer(layers, values: torch.Tensor, fmt: str) -> list[list]:
-    return [[layer, *(format(v, fmt) for v in values[i].tolist())] for i, layer in enumerate(layers)]
+def results_dict(runs, cfg, items, info: dict) -> dict:
+    """The content of ``results.json`` (see the module docstring)."""
+    import dataclasses
 
-
-def _pre(text: str) -> str:
-    return "<pre>" + html.escape(text) + "</pre>"
+    models = [model_entry(r) for r in runs]
+    first = models[0]
+    return {
+        "model": first["model"], "model_type": first["model_type"], "mmbench": str(cfg.tsv()),
+        "n_items": len(items),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "attention_share": first["attention_share"], "received_attention": first["received_attention"],
+        "knockout": first["knockout"], "analyses": first["analyses"], "wall_s": info["wall_s"],
+        "labels": [r.label for r in runs], "models": models, "run": info,
+    }
 
 
 def label_of(results: dict) -> str:
     return Path(results["model"]).name
 
 
-def write_outputs(results: dict, share, received, out: Path, examples: list[str] = (),
-                  sections: list = (), ctx=None) -> None:
-    """Write report.html, results.json and the MMBench CSVs into ``out``. ``sections``:
-    ``[(AnalysisSection, result), ...]`` drawn after the seed-000 part."""
-    from ..viz import Page, fig_attention_share, fig_knockout, fig_received_attention
-
+def write_outputs(runs, cfg, items, out: Path, info: dict) -> dict:
+    """Write report.html, results.json and the MMBench CSVs into ``out``; returns the
+    results dict."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results.update(metric_summary(share, received))
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
-    label = label_of(results)
-    save_results({label: results["knockout"]}, out)
-    page = Page(f"mechvlm report: {label}")
-    page.add_text(f"Model {results['model']} ({results['model_type']}); benchmark {results['mmbench']}; "
-                  f"{results['n_items']} items; {results['wall_s']} s.")
-    page.add_heading("Table 1: attention knockout in all layers (accuracy, std over items)")
-    page.add_html(_pre(table1({label: results["knockout"]})))
-    page.add_html(_pre(outputs_table({label: results["knockout"]})))
-    page.add(fig_knockout({label: results["knockout"]}), alt="knockout accuracy")
-    page.add_text(MODE_NOTE)
-    page.add_heading("Fig. 1: attention share of the text, image vs EOI, per layer")
-    page.add(fig_attention_share(share), alt="attention share per layer")
-    page.add_html(_table(["layer", *share.keys], _per_layer(share.layers, share.mean_head_share, ".3f"),
-                         "head-summed share, mean over examples"))
-    page.add_heading("Fig. 2: cumulative attention the image tokens receive from the text")
-    page.add(fig_received_attention(received), alt="cumulative received attention")
-    page.add_html(_table(["layer", *(f"{int(t * 100)}% of the mass" for t in received.thresholds)],
-                         _per_layer(received.layers, received.mean_frac_tokens, ".2f"),
-                         "fraction of image tokens that carries the mass (head mean, mean over examples)"))
-    if examples:
-        page.add_heading("Examples: attention of the text tokens on the image (head mean)")
-        for fragment in examples:
-            page.add_html(fragment)
-    for section, result in sections:
-        section.render(result, page, ctx)
-    page.save(out / "report.html")
+    results = results_dict(runs, cfg, items, info)
+    write_json(out / "results.json", _jsonable(results))
+    save_results({r.label: r.knockout for r in runs}, out)
+    chance = sum(1 / max(1, len(it.options)) for it in items) / len(items)
+    page = build_page(runs, n_items=len(items), tsv=str(cfg.tsv()), info=info, chance=chance)
+    write_text(out / "report.html", page.html())
+    return results
 
 
 def print_summary(results: dict, out: Path) -> None:
-    label = label_of(results)
-    print(table1({label: results["knockout"]}))
+    ko = {m["label"]: m["knockout"] for m in results["models"]}
+    print(table1(ko))
     print()
-    print(outputs_table({label: results["knockout"]}))
-    share = results["attention_share"]
-    m = torch.as_tensor(share["mean_head_share"])
-    print("\nattention share of the text (" + " / ".join(share["keys"]) + "), head-summed, per layer:")
-    print("  " + "  ".join(f"L{layer} " + "/".join(f"{v:.2f}" for v in m[i].tolist())
-                           for i, layer in enumerate(share["layers"])))
+    print(outputs_table(ko))
+    if not any(scored(k) for k in ko.values()):
+        print("\naccuracy: not available (the benchmark has no answers)")
+    for m in results["models"]:
+        share = m["attention_share"]
+        v = torch.as_tensor(share["mean_head_share"])
+        print(f"\n{m['label']}: attention share of the text (" + " / ".join(share["keys"])
+              + "), head-summed, per layer:")
+        print("  " + "  ".join(f"L{layer} " + "/".join(f"{x:.2f}" for x in v[i].tolist())
+                               for i, layer in enumerate(share["layers"])))
     print(f"\nwrote {out / 'report.html'} and {out / 'results.json'} ({results['wall_s']} s)")

@@ -1,14 +1,26 @@
-"""Run the seed-000 analyses on a checkpoint and an MMBench-format TSV.
+"""Run the seed-000 analyses on one or several checkpoints and an MMBench-format TSV.
 
-1. Attention share text->image vs text->EOI per layer (METHODS §1, seed 000 Fig. 1).
-2. Cumulative attention received by the image tokens from the text (§2, Fig. 2).
+1. Attention share text->image vs text->EOI per layer (seed 000 Eq. 1-2, Fig. 1;
+   ``docs/analyses/attention_share.md``).
+2. Cumulative attention received by the image tokens from the text (Fig. 2;
+   ``docs/analyses/received_attention.md``).
 3. Attention knockout text->image and text->EOI in all layers, both readings, scored on
-   the benchmark with the seed prompt and VLMEvalKit's letter extraction (§3, §5, Table 1).
+   the benchmark with the seed prompt and VLMEvalKit's letter extraction (Table 1;
+   ``docs/analyses/knockout.md``).
 
-Defaults are the shipped toy Qwen2.5-VL and the shipped synthetic TSV, so the command runs
-offline; point ``model`` at any local Qwen2.5-VL or Gemma3 checkpoint directory (HF layout,
-with its tokenizer and image processor) and ``mmbench`` at a real MMBench TSV for the real
-thing. The metrics stream (no attention pattern is cached), so long prompts fit.
+Every model is evaluated on the same items, one after the other (a model is released
+before the next one loads, so several large checkpoints run on one GPU). The default is
+both shipped toys (`mechvlm.toy.checkpoint.SHIPPED`) on the shipped synthetic TSV, so the
+command runs offline and prints the seed's Table 1 shape (model x {none, text->img,
+text->EOI}, both modes); point ``models`` at local Qwen2.5-VL / Gemma3 checkpoint
+directories (HF layout, with tokenizer and image processor) and ``mmbench`` at a real
+MMBench TSV for the real thing. The metrics stream (no attention pattern is cached).
+
+Before any compute: the arguments are checked, every checkpoint directory and the TSV must
+exist, ``out`` must be writable and hold no file mechvlm did not write there
+(`mechvlm.outdir`; ``overwrite=True`` replaces them), and the TSV is read and its images
+decoded (a broken row fails in seconds, naming its line). The folder's manifest lists what
+the report wrote.
 """
 
 from __future__ import annotations
@@ -21,22 +33,24 @@ import torch
 
 from ..hooked_vlm import HookedVLM
 from ..metrics import attention_share, received_attention
-from ..mmbench.conditions import CONDITIONS
+from ..mmbench.conditions import CONDITIONS, resolve_conditions
 from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
-from ..mmbench.tsv import load_mmbench
+from ..mmbench.tsv import check_item_images, load_mmbench
+from ..outdir import prepare_out_dir, write_manifest
 from ..processing import InputBuilder
-from .examples import example_heatmaps
 from ..toy.benchmark import SHIPPED_TSV
-from ..toy.checkpoint import SHIPPED
+from ..toy.checkpoint import FAMILIES, SHIPPED
 from ..training.registers import apply_registering, registering_of
+from .examples import example_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass
 class ReportConfig:
-    model: str | None = None  # checkpoint directory (default: the shipped toy Qwen2.5-VL)
+    model: str | None = None  # one checkpoint directory (kept for one-model callers; see `models`)
+    models: tuple[str, ...] = ()  # checkpoint directories, all on the same items (default: both shipped toys)
     mmbench: str | None = None  # MMBench TSV (default: the shipped synthetic one)
     limit: int | None = None  # first N rows of the TSV
     device: str = "cpu"
@@ -46,22 +60,79 @@ class ReportConfig:
     max_new_tokens: int = 4
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     analyses: tuple[str, ...] = ()  # optional sections (`mechvlm.report.sections.ANALYSES`)
+    examples: int = 4  # items drawn as attention-on-image rows (one per category)
     progress: bool = True
+    overwrite: bool = False  # replace files in ``out`` that mechvlm did not write
+
+    def check(self) -> None:
+        """Refuse out-of-range arguments and missing inputs (naming them) before any work."""
+        for name, value in (("limit", self.limit), ("batch_size", self.batch_size),
+                            ("max_new_tokens", self.max_new_tokens)):
+            if value is None and name == "limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
+            raise ValueError(f"examples must be a non-negative integer, got {self.examples!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for path in self.model_dirs():  # every checkpoint is checked before the first one runs
+            if not path.is_dir():
+                what = "is a file, not a directory" if path.exists() else "does not exist"
+                raise FileNotFoundError(f"no such directory: {path} (the model directory {what}; give a local "
+                                        "checkpoint directory with config.json, weights, tokenizer and image "
+                                        "processor)")
+        if not self.tsv().is_file():
+            raise FileNotFoundError(f"no such file: {self.tsv()} (the MMBench TSV)")
+
+    def model_dirs(self) -> list[Path]:
+        """The checkpoints in order: ``model`` then ``models``; both shipped toys when neither
+        is given."""
+        given = ([self.model] if self.model else []) + list(self.models)
+        return [Path(m) for m in given] if given else [SHIPPED[f] for f in FAMILIES]
 
     def model_dir(self) -> Path:
-        return Path(self.model) if self.model else SHIPPED["qwen2_5_vl"]
+        return self.model_dirs()[0]
 
     def tsv(self) -> Path:
         return Path(self.mmbench) if self.mmbench else SHIPPED_TSV
 
 
-def load(cfg: ReportConfig) -> tuple[HookedVLM, InputBuilder]:
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    path = cfg.model_dir()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (give a local checkpoint "
-                                "directory with config.json, weights, tokenizer and image processor)")
+@dataclasses.dataclass
+class ModelRun:
+    """Everything the report keeps of one model once it is released: the metric results,
+    the knockout evaluation, the example grids, and the optional sections already drawn
+    (``sections``: ``[(section, result, page items, widget count)]``)."""
+
+    label: str
+    path: str
+    model_type: str
+    n_layers: int
+    share: object
+    received: object
+    knockout: dict
+    examples: list[dict]
+    sections: list = dataclasses.field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def analyses(self) -> dict:
+        return {s.name: r.to_dict() for s, r, _, _ in self.sections}
+
+
+def model_labels(paths: list[Path]) -> list[str]:
+    """A short label per checkpoint (its directory name; ``name#2`` ... for repeats)."""
+    out, seen = [], {}
+    for p in paths:
+        name = p.name or str(p)
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def load(cfg: ReportConfig, path: Path | None = None) -> tuple[HookedVLM, InputBuilder]:
+    cfg.check()
+    path = Path(path) if path is not None else cfg.model_dir()
     model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
     apply_registering(model)  # a Registering checkpoint runs under the mask it was trained with
@@ -72,45 +143,84 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
     """Left-padded batches of the seed prompts with their images, lazily."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        yield builder([mmbench_prompt(it) for it in chunk], [[it.pil_image()] for it in chunk])
+        yield builder([mmbench_prompt(it) for it in chunk],
+                      [[it.pil_image()] if it.image is not None else [] for it in chunk])
 
 
-def run_report(cfg: ReportConfig) -> dict:
-    """Compute everything, write ``cfg.out`` (report.html, results.json, CSVs); returns the
-    results dict (the JSON's content)."""
-    from .render import print_summary, write_outputs
-
-    from .sections import ReportContext, resolve_analyses
+def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, index: int = 0,
+              n_models: int = 1) -> ModelRun:
+    """Load one checkpoint, compute its part of the report, draw its optional sections and
+    release it."""
+    from ..viz import Page
+    from .sections import ReportContext
 
     t0 = time.time()
-    sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
-    model, builder = load(cfg)
-    if registering_of(model).active:  # add its text -> registers attention share
-        sections += [s for s in resolve_analyses(["registering"]) if s not in sections]
-    items = load_mmbench(cfg.tsv())
-    if cfg.limit is not None:
-        items = items[:cfg.limit]
-    if not items:
-        raise ValueError(f"no items to evaluate in {cfg.tsv()}")
+    model, builder = load(cfg, path)
+    if cfg.progress and n_models > 1:
+        print(f"[{index + 1}/{n_models}] {label} ({path})", flush=True)
+    if registering_of(model).active and all(s.name != "registering" for s in sections):
+        from .sections import resolve_analyses  # a Registering checkpoint: its text -> registers share
+
+        sections = [*sections, *resolve_analyses(["registering"])]
     batches = list(metric_batches(builder, items, cfg.batch_size))
     share = attention_share(model, batches, progress=cfg.progress)
     received = received_attention(model, batches, keep_received=False, progress=cfg.progress)
     knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         progress=cfg.progress)
-    results = {
-        "model": str(cfg.model_dir()), "model_type": builder.model_type,
-        "mmbench": str(cfg.tsv()), "n_items": len(items),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "attention_share": share.to_dict(), "received_attention": received.to_dict(),
-        "knockout": knockout, "wall_s": None,
-    }
-    examples = example_heatmaps(model, builder, items)
+    examples = example_attention(model, builder, items, n=cfg.examples)
     ctx = ReportContext(model=model, builder=builder, items=items, batches=batches, out=Path(cfg.out),
-                        progress=cfg.progress, batch_size=cfg.batch_size)
-    computed = [(s, s.compute(ctx)) for s in sections]
-    results["analyses"] = {s.name: r.to_dict() for s, r in computed}
-    results["wall_s"] = round(time.time() - t0, 2)
-    write_outputs(results, share, received, Path(cfg.out), examples, sections=computed, ctx=ctx)
+                        progress=cfg.progress, batch_size=cfg.batch_size, label=label,
+                        model_index=index, n_models=n_models)
+    drawn = []
+    for s in sections:
+        result = s.compute(ctx)
+        sub = Page(label)
+        s.render(result, sub, ctx)
+        drawn.append((s, result, sub.items, sub.n_widgets))
+    run = ModelRun(label=label, path=str(path), model_type=builder.model_type, n_layers=model.cfg.n_layers,
+                   share=share, received=received, knockout=knockout, examples=examples, sections=drawn,
+                   wall_s=round(time.time() - t0, 2))
+    del model, ctx, batches
+    if str(cfg.device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return run
+
+
+def compute_runs(cfg: ReportConfig, *, prepare_out: bool = False):
+    """Everything but the writing: ``(items, runs, run info)``, plus the state of ``out``
+    before the run (`mechvlm.outdir.prepare_out_dir`) when ``prepare_out``. Unknown sections
+    or conditions, bad arguments, missing checkpoints, a ``out`` that cannot be written and
+    broken TSV rows fail before any model loads."""
+    from .runinfo import run_info
+    from .sections import resolve_analyses
+
+    t0 = time.time()
+    sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
+    resolve_conditions(list(cfg.conditions))  # so do unknown conditions
+    cfg.check()
+    out_state = prepare_out_dir(cfg.out, overwrite=cfg.overwrite) if prepare_out else None
+    items = load_mmbench(cfg.tsv(), check_images=False)
+    if cfg.limit is not None:
+        items = items[:cfg.limit]
+    if not items:
+        raise ValueError(f"no items to evaluate in {cfg.tsv()}")
+    check_item_images(items, cfg.tsv())  # a broken image fails now, not after the compute
+    paths = cfg.model_dirs()
+    labels = model_labels(paths)
+    runs = [run_model(cfg, p, label, items, sections, index=i, n_models=len(paths))
+            for i, (p, label) in enumerate(zip(paths, labels))]
+    info = run_info(cfg, wall_s=round(time.time() - t0, 2), runs=runs)
+    return (items, runs, info, out_state) if prepare_out else (items, runs, info)
+
+
+def run_report(cfg: ReportConfig) -> dict:
+    """Compute everything, write ``cfg.out`` (report.html, results.json, CSVs); returns the
+    results dict (the JSON's content: see `mechvlm.report.render`)."""
+    from .render import print_summary, write_outputs
+
+    items, runs, info, out_state = compute_runs(cfg, prepare_out=True)
+    results = write_outputs(runs, cfg, items, Path(cfg.out), info)
+    write_manifest(cfg.out, out_state, command="mechvlm report")
     print_summary(results, Path(cfg.out))
     return results

@@ -59,9 +59,11 @@ def benchmark_rows(n_questions: int, seed: int, *, circular: bool = True) -> lis
 
 def write_benchmark(out: str | Path, n_questions: int = 100, seed: int = 2026, *,
                     circular: bool = True) -> Path:
-    """Write the TSV; returns its path."""
+    """Write the TSV (atomically: a temporary file renamed into place); returns its path."""
     from ..mmbench.tsv import write_mmbench
 
+    if isinstance(n_questions, bool) or not isinstance(n_questions, int) or n_questions < 1:
+        raise ValueError(f"n_questions must be a positive integer, got {n_questions!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mmbench(benchmark_rows(n_questions, seed, circular=circular), out)

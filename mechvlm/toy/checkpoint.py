@@ -92,19 +92,29 @@ def build_toy(family: str, **sizes):
 
 def save_toy(model, tokenizer, image_processor, out: str | Path, record: dict | None = None) -> Path:
     """Save a toy checkpoint directory (safetensors) with its tokenizer, image processor,
-    generation config and, if given, the training record as ``training.json``."""
+    generation config and, if given, the training record as ``training.json``.
+
+    The folder is written whole into a temporary sibling and renamed into place
+    (`mechvlm.fileio.atomic_dir`): an interrupted save leaves the previous checkpoint (or
+    none), never a mix. It replaces ``out`` entirely and carries a manifest
+    (`mechvlm.outdir`); refusing a folder of the user's is the caller's job
+    (`mechvlm.outdir.prepare_out_dir`, as ``train-toy`` does)."""
+    from ..fileio import atomic_dir, write_text
+    from ..outdir import write_manifest
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     family = model.config.model_type
     eos = [special_id(family, "<|im_end|>")] if family == "qwen2_5_vl" else \
         [special_id(family, "<eos>"), special_id(family, "<end_of_turn>")]
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = 0
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    if record is not None:
-        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        if record is not None:
+            write_text(tmp / "training.json", json.dumps(record, indent=2) + "\n")
+        write_manifest(tmp, command="mechvlm train-toy")
     return out
 
 

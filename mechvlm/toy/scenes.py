@@ -39,7 +39,7 @@ QUESTIONS = {
 }
 # The shipped benchmark and toy models use these four. "shape" stays available but is not
 # in the default set: the ~1M-parameter toys did not get above chance on it within the CPU
-# training budget (TOY_MODEL_NOTES.md saw the same), while "size" is learnable.
+# training budget (the prototype in docs/toy_models.md saw the same), while "size" is learnable.
 CATEGORIES = ("color", "size", "position", "count")
 ALL_CATEGORIES = tuple(QUESTIONS)
 L2_CATEGORY = {"color": "attribute_recognition", "shape": "object_recognition",

@@ -1,7 +1,7 @@
 """The toy models' tokenizer: a word-level ``tokenizers`` model whose specials sit at the
 ids the toy configs use, saved next to the weights like a real checkpoint's tokenizer.
 
-Each option line (``"B. red"``) is one token. TOY_MODEL_NOTES.md measured why: a tiny model
+Each option line (``"B. red"``) is one token. docs/toy_models.md (the prototype) measured why: a tiny model
 binds an answer to its letter much sooner when the letter and the option text share a
 token. Everything else is a word or a punctuation mark; newlines are tokens.
 """

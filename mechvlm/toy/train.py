@@ -2,7 +2,7 @@
 
 ``python -m mechvlm.toy.train --family qwen2_5_vl --out DIR`` (also ``mechvlm train-toy``).
 The model is the exact HF architecture (``*ForConditionalGeneration``) at ~1M parameters.
-What made letters learnable (see ``docs/toy_models.md`` and TOY_MODEL_NOTES.md):
+What made letters learnable (see ``docs/toy_models.md``, with the prototype before it):
 
 - one token per option line, with its embedding initialised as letter + option word;
 - a curriculum: open-ended answers only for the first ``--open-steps``, then a mix;
@@ -158,7 +158,21 @@ def compositional_init_(model, tokenizer) -> int:
 
 def train(family: str, out: str, *, steps: int, batch_size: int, lr: float, seed: int,
           open_steps: int, open_frac: float, eval_every: int, threads: int, sizes: dict,
-          answer_style: str = "option", snapshot_every: int = 0) -> dict:
+          answer_style: str = "option", snapshot_every: int = 0, overwrite: bool = False) -> dict:
+    """Train and save the toy to ``out`` (and ``out-stepN`` snapshots). Before any compute,
+    ``out`` (and every snapshot folder) must be writable and hold nothing mechvlm did not
+    write, unless ``overwrite`` (`mechvlm.outdir.prepare_out_dir`)."""
+    from ..outdir import prepare_out_dir
+
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
+                        ("threads", threads)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if snapshot_every < 0:
+        raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
+    snapshots = [s for s in range(1, steps) if snapshot_every and s % snapshot_every == 0 and s % eval_every == 0]
+    for folder in [out, *(f"{out}-step{s}" for s in snapshots)]:
+        prepare_out_dir(folder, overwrite=overwrite, check_parent_only=True)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     model, tokenizer, image_processor = build_toy(family, **sizes)
@@ -168,7 +182,7 @@ def train(family: str, out: str, *, steps: int, batch_size: int, lr: float, seed
     eval_rng = np.random.default_rng(10_000 + seed)
     held_out = [make_scene(CATEGORIES[i % len(CATEGORIES)], eval_rng) for i in range(400)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))  # at least one step: --steps < 10 must not divide by zero
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     history, t0 = [], time.time()
@@ -208,18 +222,22 @@ def train(family: str, out: str, *, steps: int, batch_size: int, lr: float, seed
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from ..argtypes import positive_int
+
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["qwen2_5_vl", "gemma3"], default="qwen2_5_vl")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out even if it holds files mechvlm did not write")
+    ap.add_argument("--steps", type=positive_int, default=4000)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--open-steps", type=int, default=300)
     ap.add_argument("--open-frac", type=float, default=0.3)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=positive_int, default=250)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--snapshot-every", type=int, default=0, help="also save OUT-stepN every N steps")
     ap.add_argument("--answer-style", choices=["option", "letter"], default="option")
     ap.add_argument("--d-model", type=int, default=128)
@@ -232,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                  vision_depth=a.vision_depth)
     rec = train(a.family, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                 open_steps=a.open_steps, open_frac=a.open_frac, eval_every=a.eval_every,
-                threads=a.threads, sizes=sizes, answer_style=a.answer_style, snapshot_every=a.snapshot_every)
+                threads=a.threads, sizes=sizes, answer_style=a.answer_style, snapshot_every=a.snapshot_every,
+                overwrite=a.overwrite)
     print(f"saved {a.out}: held-out MC {rec['held_out_mc']}, wall {rec['wall_s']} s")
     return 0
 

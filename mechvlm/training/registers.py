@@ -178,7 +178,11 @@ class RegisteringMask:
         @functools.wraps(plain)
         def forward(*args, **kwargs):
             batch = dict(self._signature.bind_partial(*args, **kwargs).arguments)
-            roles = model.roles(batch["input_ids"], batch.get("image_grid_thw"), batch.get("attention_mask"))
+            ids = batch.get("input_ids")
+            if not isinstance(ids, Tensor) or ids.is_floating_point() or batch.get("tokens") is not None:
+                return plain(model, *args, **kwargs)  # a mapping / text / resid form: forward reduces it
+                # to the keyword form and calls model.forward (this wrapper) again
+            roles = model.roles(ids, batch.get("image_grid_thw"), batch.get("attention_mask"))
             self._edits = list(self._hooks_for(batch, roles))
             try:
                 return plain(model, *args, **kwargs)

@@ -21,6 +21,7 @@ from torch import Tensor
 from mechvlm.roles import TokenRoles
 from mechvlm.viz.html import Widget
 from mechvlm.viz.labels import html_safe, image_label, row_spans, token_labels
+from mechvlm.viz.text import plain
 
 __all__ = ["pattern_of", "token_groups", "collapse", "attention_heads", "attention_pattern",
            "colored_tokens", "head_thumbnails"]
@@ -224,8 +225,8 @@ def head_thumbnails(source, roles: TokenRoles | None = None, *, layer: int | Non
         ax.imshow(shown[i].numpy(), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_title(f"L{layer}H{h}" if layer is not None else f"H{h}", fontsize=9)
         if ticks:
-            ax.set_xticks(range(g), names, rotation=90, fontsize=5)
-            ax.set_yticks(range(g), names, fontsize=5)
+            ax.set_xticks(range(g), [plain(s) for s in names], rotation=90, fontsize=5)
+            ax.set_yticks(range(g), [plain(s) for s in names], fontsize=5)
         else:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from mechvlm.viz.text import plain
+
 
 __all__ = ["fig_attention_share", "fig_received_attention", "fig_logit_lens", "fig_logit_lens_on_image",
            "fig_visual_text_similarity"]
@@ -85,14 +87,18 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
 
     ``reading``: ``"head_mean"`` (per-head shares averaged over heads,
     ``mean_head_mean_share``), ``"head_sum"`` (share of the head-summed mass,
-    ``mean_head_share``) or a head index. ``keys``: a subset / order of ``result.keys``.
+    ``mean_head_share``) or a head index, or a list of those (one per panel: the same
+    result twice in ``results`` shows two readings). ``keys``: a subset / order of ``result.keys``.
     ``results``: one ``AttentionShareResult`` or ``{name: result}`` (one panel each).
     Layers whose share is undefined (NaN) are left empty.
     """
     items = _panels(results)
     fig, axes = _subplots(len(items), width, height)
     palette = colors or ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
-    for ax, (name, res) in zip(axes, items):
+    readings = list(reading) if isinstance(reading, (list, tuple)) else [reading] * len(items)
+    if len(readings) != len(items):
+        raise ValueError(f"{len(readings)} readings given for {len(items)} panels")
+    for ax, (name, res), reading in zip(axes, items, readings):
         share = _share_matrix(res, reading)  # [layer, key]
         order = list(res.keys) if keys is None else list(keys)
         idx = [list(res.keys).index(k) for k in order]
@@ -101,7 +107,7 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
         for j, (k, i) in enumerate(zip(order, idx)):
             v = np.nan_to_num(share[:, i])
             ax.bar(x, v, bottom=bottom, width=0.85, color=palette[j % len(palette)],
-                   label=f"{res.query}\u2192{_role(k)}", edgecolor="white", linewidth=0.3)
+                   label=plain(f"{res.query}\u2192{_role(k)}"), edgecolor="white", linewidth=0.3)
             bottom += v
         ax.set_ylim(0, 1)
         ax.set_xlim(-0.6, len(x) - 0.4)
@@ -109,9 +115,12 @@ def fig_attention_share(results, *, reading="head_mean", keys: Sequence[str] | N
         ax.set_xlabel("layer")
         ax.set_ylabel("attention share")
         how = f"head {reading}" if isinstance(reading, int) else reading.replace("_", " ")
-        ax.set_title(f"{name + ': ' if name else ''}{res.query} \u2192 key roles ({how})", fontsize=10)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(4, len(order)),
-                  frameon=False)
+        ax.set_title(plain(f"{name + ': ' if name else ''}{res.query} \u2192 key roles ({how})"), fontsize=10)
+    # one legend right of the last panel when every panel shows the same key roles, else one
+    # right of each panel (outside the axes: it covers no bar and no axis label)
+    same = keys is not None or len({tuple(res.keys) for _, res in items}) == 1
+    for ax in (axes[-1:] if same else axes):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -157,10 +166,10 @@ def fig_received_attention(results, *, layers: Sequence[int] | None = None, head
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
-        ax.set_xlabel(f"fraction of {res.key} tokens (sorted by received attention)")
-        ax.set_ylabel(f"cumulative share of {res.query}\u2192{_role(res.key)} attention")
+        ax.set_xlabel(plain(f"fraction of {res.key} tokens (sorted by received attention)"))
+        ax.set_ylabel(plain(f"cumulative share of {res.query}\u2192{_role(res.key)} attention"))
         who = f"head {head}" if head is not None else "head mean"
-        ax.set_title(f"{name + ': ' if name else ''}received attention ({who})", fontsize=10)
+        ax.set_title(plain(f"{name + ': ' if name else ''}received attention ({who})"), fontsize=10)
         leg_title = ("layer (tokens for " + "/".join(f"{int(t * 100)}%" for t in res.thresholds) + ")"
                      if frac is not None else "layer")
         ax.legend(fontsize=7, title=leg_title, title_fontsize=7, loc="lower right",
@@ -180,7 +189,7 @@ def _decode(tokenizer, i: int) -> str:
         s = tokenizer.decode([i])
     else:
         s = str(tokenizer(i) if callable(tokenizer) else tokenizer[i])
-    return s.replace("\n", "\u21b5").replace("$", r"\$") or "\u2205"
+    return plain(s.replace("\n", "\u21b5")) or "\u2205"
 
 
 def _example_rows(res, example: int):
@@ -243,10 +252,10 @@ def fig_logit_lens(result, *, example: int = 0, tokenizer=None, layers: Sequence
             return f"i{int(roles.image_index[row, p])}:{rc}" if several else rc
 
         ax.set_xticks(range(P), [cell(p) for p in pos], rotation=90, fontsize=6)
-        ax.set_xlabel(f"{res.positions} token: grid row,col (example {example})")
+        ax.set_xlabel(plain(f"{res.positions} token: grid row,col (example {example})"))
     else:
         ax.set_xticks(range(P), [str(p) for p in pos], rotation=90, fontsize=6)
-        ax.set_xlabel(f"{res.positions} position (example {example})")
+        ax.set_xlabel(plain(f"{res.positions} position (example {example})"))
     ax.set_yticks(range(L), [str(res.layers[i]) for i in li], fontsize=7)
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="top-1 probability")
@@ -347,13 +356,13 @@ def fig_visual_text_similarity(results, *, stat: str = "both", show_examples: bo
                     ax.plot(x, row, color=color, lw=0.5, alpha=0.3, ls=ls)
             mean = np.nanmean(per_ex, 0) if len(per_ex) else np.full(len(x), np.nan)
             ax.plot(x, mean, color=color, ls=ls, marker="o", ms=3, lw=1.5,
-                    label=f"{name + ': ' if name else ''}{s} cos ({res.reference})")
+                    label=plain(f"{name + ': ' if name else ''}{s} cos ({res.reference})"))
     _layer_ticks(ax, layers0)
     ax.set_xlabel("layer")
     ax.set_ylabel("cosine similarity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     res0 = items[0][1]
-    ax.set_title(title or f"{res0.image} hidden states vs {res0.text} embeddings", fontsize=10)
+    ax.set_title(title or plain(f"{res0.image} hidden states vs {res0.text} embeddings"), fontsize=10)
     fig.tight_layout()
     return fig

@@ -234,7 +234,7 @@ class Page:
                 f"{_STYLE}{bundle}</head><body><h2>{html.escape(self.title)}</h2>{self.body()}</body></html>")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html(), encoding="utf-8")
-        return path
+        """Write the page (atomically: a temporary file renamed into place)."""
+        from mechvlm.fileio import write_text
+
+        return write_text(path, self.html())

@@ -18,6 +18,7 @@ the pixel-exact numpy versions of what `attention_on_image` draws.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,9 +29,10 @@ from mechvlm.roles import TokenRoles
 from mechvlm.viz.attention import _select_heads, pattern_of
 from mechvlm.viz.html import figure_to_img_html
 from mechvlm.viz.labels import row_spans
+from mechvlm.viz.text import plain
 
 __all__ = ["QWEN_PATCH", "received_per_position", "image_grids", "model_pixel_size", "resize_to_grid",
-           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html"]
+           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html", "attention_on_image_layers"]
 
 QWEN_PATCH = 14
 
@@ -246,10 +248,50 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
         fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
     lay = f"Layer {layer}: " if layer is not None else ""
-    fig.suptitle(title if title is not None else f"{lay}{what}", fontsize=10)
+    fig.suptitle(title if title is not None else plain(f"{lay}{what}"), fontsize=10)
     return fig
 
 
 def attention_on_image_html(*args, alt: str = "attention on image", dpi: int | None = None, **kwargs) -> str:
     """`attention_on_image` as an embeddable ``<img>`` (base64 PNG); the figure is closed."""
     return figure_to_img_html(attention_on_image(*args, **kwargs), alt=alt, dpi=dpi, close=True)
+
+
+def attention_on_image_layers(grids: Sequence[np.ndarray], layers: Sequence[int], image=None, *,
+                              span: ImageSpan | None = None, cfg=None, cmap: str = "inferno",
+                              alpha: float = 0.6, min_side: int = 224, size: float = 2.2,
+                              label: str = "mean attention weight", title: str | None = None):
+    """One image's heatmaps in several layers, side by side on **one shared colour scale**
+    (0 .. the row's maximum, one colour bar for the row): ``grids[i]`` is the ``[h, w]``
+    grid of layer ``layers[i]`` (e.g. from `image_grids`). ``span`` + ``cfg`` give the
+    processor's pixel size (`model_pixel_size`; without them 28 px per token). Each panel
+    is titled ``layer L``; ``label`` names the colour unit. Returns a Figure."""
+    import matplotlib.cm
+    import matplotlib.pyplot as plt
+
+    if len(grids) != len(layers) or not len(grids):
+        raise ValueError(f"one grid per layer expected, got {len(grids)} grids for layers {list(layers)}")
+    h, w = np.asarray(grids[0]).shape
+    H, W = model_pixel_size(span, cfg) if span is not None else (28 * h, 28 * w)
+    vmax = max(float(np.max(g)) for g in grids) or 1.0
+    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids) + 1.0, size + 0.35), squeeze=False)
+    k = max(1, -(-min_side // max(H, W)))
+    base = resize_to_grid(image, (H * k, W * k)) if image is not None else None
+    im = None
+    for ax, g, layer in zip(axes[0], grids, layers):
+        if base is not None:
+            ax.imshow(base, extent=(0, W, H, 0), interpolation="bilinear")
+        im = ax.imshow(np.asarray(g), extent=(0, W, H, 0), cmap=cmap, vmin=0.0, vmax=vmax,
+                       alpha=alpha if base is not None else 1.0, interpolation="nearest")
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"layer {layer}", fontsize=9)
+    opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())
+    bar = fig.colorbar(opaque, ax=list(axes[0]), fraction=0.025, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig

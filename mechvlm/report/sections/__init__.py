@@ -11,6 +11,14 @@ A section supplies:
   ``to_dict()``); it shows a progress bar when ``ctx.progress`` and loops over
   ``ctx.batches`` (or ``ctx.items``) itself.
 * ``render(result, page, ctx)``: headings, figures and tables on the `mechvlm.viz.Page`.
+
+Several models (``mechvlm report --model A --model B``): ``compute`` and ``render`` run
+once per model, right after that model's own part of the report and while it is still
+loaded (``ctx.model``; ``ctx.label`` names it, ``ctx.model_index`` / ``ctx.n_models`` say
+where it stands). The page groups them **by section**: each section appears once, in the
+order of ``--analyses``, holding one block per model in the order of ``--model`` (a block
+is what ``render`` drew, under a "model: LABEL" tag). ``results["models"][i]["analyses"]``
+holds each model's ``to_dict()``; ``results["analyses"]`` is the first model's.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ class ReportContext:
     out: Path
     progress: bool = True
     batch_size: int = 16
+    label: str = ""  # the model's label on the page (its directory name)
+    model_index: int = 0
+    n_models: int = 1
 
 
 @dataclass(frozen=True)
