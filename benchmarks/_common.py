@@ -156,3 +156,42 @@ def extra_peak(fn, device: torch.device | str = "cpu") -> dict:
     fn()
     peak = rss_kb("VmHWM")
     return {"extra_peak_mib": (peak - before) / 1024, "base_mib": before / 1024, "kind": "rss"}
+
+
+# ----------------------------------------------------------------------- RESULTS.md --
+def _section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+
+
+def write_results_section(path: str | Path, name: str, markdown: str) -> None:
+    """Put ``markdown`` into ``path`` (e.g. RESULTS.md) between the markers of section
+    ``name``, replacing that section if present and appending it otherwise; the rest of the
+    file is kept. Written atomically."""
+    from mechvlm.fileio import write_text
+
+    path = Path(path)
+    start, end = _section_markers(name)
+    text = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{markdown.strip()}\n{end}\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    write_text(path, text)
+
+
+def kept_sections(path: str | Path) -> str:
+    """The marked sections (`write_results_section`) of an existing file, to carry over when
+    a script rewrites the file's own part."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    text, out = path.read_text(), []
+    for line in text.splitlines():
+        if line.startswith("<!-- section:") and line.endswith(" -->"):
+            name = line[len("<!-- section:"):-len(" -->")]
+            start, end = _section_markers(name)
+            if end in text:
+                out.append(start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n")
+    return ("\n\n" + "\n".join(out)) if out else ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _common import kept_sections
+
 FAMILY_NAMES = {"qwen": "Qwen2.5-VL-3B-shaped", "gemma": "Gemma3-4B-shaped"}
 PLAIN = "mech"  # the plain forward the memory of the other rows is compared with
 
@@ -376,4 +378,4 @@ def write_markdown(result: dict, path: Path, discussion: str = "") -> None:
     lines += _correctness(result) + [""]
     from mechvlm.fileio import write_text
 
-    write_text(path, "\n".join(lines))
+    write_text(path, "\n".join(lines) + kept_sections(path))  # other scripts' marked sections stay

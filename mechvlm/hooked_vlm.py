@@ -23,6 +23,7 @@ from mechvlm.config import VLMConfig
 from mechvlm.fold_ln import process_weights_
 from mechvlm.forward_args import forward_arguments
 from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
+from mechvlm.image_layout import kept_feature_index
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     ModelFamily,
@@ -228,21 +229,22 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
                        attention_mask: Tensor | None = None,
-                       token_type_ids: Tensor | None = None) -> PreparedInputs:
+                       token_type_ids: Tensor | None = None, image_cells=None) -> PreparedInputs:
         """Validate the inputs; find image spans, positions, padding and (Gemma3) the
         bidirectional image blocks."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
-                                          attention_mask, self.device, token_type_ids=token_type_ids)
+                                          attention_mask, self.device, token_type_ids=token_type_ids,
+                                          image_cells=image_cells)
 
     def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
-              attention_mask: Tensor | None = None, **_batch) -> TokenRoles:
+              attention_mask: Tensor | None = None, image_cells=None, **_batch) -> TokenRoles:
         """Token roles of a batch (image, eoi, image_start, prefix, text, bos, pad, last)
         and the merged-grid cell of every image token. Takes the same keyword arguments as
         ``forward`` (``model.roles(**batch)``); pixels are not needed."""
         check_input_ids(input_ids)
         ids = input_ids.to(self.device)
         key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
-        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding)
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, image_cells)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     @records_batch  # role-based hooks check that their TokenRoles were built for this batch
@@ -256,6 +258,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
         image_embeds: Float[Tensor, "... d_model"] | None = None,
+        image_cells: list[Int[Tensor, " kept"]] | None = None,
         loss_per_token: bool = False,
         target_mask: Tensor | None = None,
         start_at_layer: int | None = None,
@@ -287,7 +290,13 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         (`encode_images`), to skip recomputing it (e.g. at every generation step);
         ``hook_image_embeds`` still sees and may edit it (an edit applies to this forward
         only: the given tensor is never modified). It must be ``[n_image_tokens, d_model]``
-        on the model's device.
+        on the model's device (with ``image_cells``: the features of the whole images).
+        ``image_cells``: images some of whose tokens were removed from the sequence (see
+        `mechvlm.interventions.remove_image_tokens`): per image (feature order), the
+        increasing row-major cells of its merged grid that its tokens in ``input_ids``
+        stand for. The vision features (and ``image_embeds``, ``hook_image_embeds``) stay
+        those of the whole images; the kept cells' features are scattered in, with the
+        positions of the family's ``prepare_inputs``.
         """
         if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or tokens is not None:
             return self.forward(**forward_arguments(self, {k: v for k, v in locals().items()
@@ -296,10 +305,10 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         if self.hook_tokens.is_observed():
             input_ids = self.hook_tokens(input_ids.clone())
         inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids)
+                                     token_type_ids, image_cells)
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if start_at_layer is None:
-            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds)
+            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds, image_cells)
         else:
             x = self._check_resid(resid, inputs.input_ids)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
@@ -333,7 +342,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                              f"{(*input_ids.shape, self.cfg.d_model)}")
         return resid.to(self.device)
 
-    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds) -> Tensor:
+    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds, image_cells=None) -> Tensor:
         """Token embeddings with the image features scattered in (``hook_embed``'s input)."""
         ids = inputs.input_ids
         n_ctx = self.cfg.n_ctx
@@ -348,13 +357,15 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         if inputs.spans:
             if image_embeds is None:
                 feats = self.encode_images(pixel_values, image_grid_thw).to(x.dtype)
-            else:
-                check_image_embeds(image_embeds, sum(s.n_tokens for s in inputs.spans), self.cfg.d_model,
+            else:  # the whole images' features, also when image_cells keep only some cells
+                check_image_embeds(image_embeds, sum(s.n_cells for s in inputs.spans), self.cfg.d_model,
                                    x.device)
                 feats = image_embeds.to(x.dtype)
                 if feats is image_embeds and self.hook_image_embeds.is_observed():
                     feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
             feats = self.hook_image_embeds(feats)
+            if image_cells is not None:
+                feats = feats[kept_feature_index(inputs.spans, feats.shape[0]).to(feats.device)]
             image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
             if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
                 raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "

@@ -81,7 +81,8 @@ class TokenRoles:
             too, keeps its own role: registers of the mask are ``["eoi", "register"]``.
 
     Grid (-1 where not an image token): ``image_index`` (the image's index in feature
-    order), ``grid_t``, ``grid_row``, ``grid_col`` on the merged grid.
+    order), ``grid_t``, ``grid_row``, ``grid_col`` on the merged grid (for an image some of
+    whose tokens were removed, the cells of the tokens that are left).
 
     ``input_ids``: the ``[batch, pos]`` ids the roles were computed from (CPU), which
     `check_runs_on` compares with the batch an intervention runs on.
@@ -191,7 +192,7 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
     for s in spans:
         image[s.row, s.start:s.stop] = True
         t, h, w = s.grid
-        i = torch.arange(s.n_tokens)
+        i = torch.tensor(s.cell_ids, dtype=torch.long)  # the grid cell of each token
         grid["image_index"][s.row, s.start:s.stop] = s.image
         grid["grid_t"][s.row, s.start:s.stop] = i // (h * w)
         grid["grid_row"][s.row, s.start:s.stop] = (i // w) % h

@@ -4,7 +4,8 @@
 * `mmbench_prompt`: the seed-000 prompt (`prompt`).
 * `can_infer`: VLMEvalKit's letter extraction; `classify_output` (`extract`).
 * `score_records`: accuracy ± std, per category, circular groups, output kinds (`scoring`).
-* `CONDITIONS`: none / text→image / text→EOI knockouts in both modes (`conditions`).
+* `CONDITIONS`: none / text→image / text→EOI knockouts in both modes (`conditions`);
+  parametrised ``prune:...``, ``skip:...``, ``inject:...`` (`visual_conditions`).
 * `evaluate`: generate, extract and score under each condition (`evaluate`).
 * `table1`, `outputs_table`, `print_report`, `save_results` (`report_tables`).
 
@@ -18,6 +19,7 @@ from mechvlm.mmbench.prompt import mmbench_prompt
 from mechvlm.mmbench.report_tables import load_results, outputs_table, print_report, save_results, table1
 from mechvlm.mmbench.scoring import accuracy_std, score_records
 from mechvlm.mmbench.tsv import MMBenchFormatError, MMBenchItem, check_item_images, load_mmbench, write_mmbench
+from mechvlm.mmbench import visual_conditions as _visual_conditions  # noqa: E402,F401  registers prune/skip/inject
 
 __all__ = [
     "CONDITIONS", "DIRECTIONS", "OUTPUT_KINDS", "RULES", "Condition", "InputBuilder", "MMBenchFormatError",

@@ -32,7 +32,10 @@ class Condition:
     ``direction`` is the Table-1 column (``none``, ``text→image``, ``text→EOI``, or any
     label for a custom condition); ``mode`` the knockout reading (None: no knockout). With
     ``key=None`` the condition adds no hooks; ``hooks`` (optional) overrides the knockout
-    with a custom ``(batch, roles) -> hooks`` callable.
+    with a custom ``(batch, roles) -> hooks`` callable. ``prepare`` (optional) is
+    ``(model, batch) -> (batch, fwd_hooks)``: called once per batch before generating, it
+    may rewrite the batch (e.g. remove tokens) and compute what its hooks need with the
+    model (see `setup`).
     """
 
     name: str
@@ -41,6 +44,7 @@ class Condition:
     mode: str | None = None
     query: str = "text"
     hooks: Callable | None = None
+    prepare: Callable | None = None
 
     def __call__(self, batch, roles) -> list:
         if self.hooks is not None:
@@ -48,6 +52,13 @@ class Condition:
         if self.key is None:
             return []
         return knockout(roles, query=self.query, key=self.key, mode=self.mode)
+
+    def setup(self, model, batch) -> tuple:
+        """``(batch, fwd_hooks)`` to generate with: ``prepare(model, batch)`` when the
+        condition has one, else the batch unchanged and the condition itself."""
+        if self.prepare is None:
+            return batch, self
+        return self.prepare(model, batch)
 
     def describe(self) -> dict:
         """JSON-friendly description (stored with the results)."""

@@ -50,7 +50,8 @@ def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem
         chunk = items[start:start + batch_size]
         batch = builder([mmbench_prompt(it) for it in chunk],
                         [[it.pil_image()] if it.image is not None else [] for it in chunk])
-        gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=condition,
+        batch, hooks = condition.setup(model, batch)
+        gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=hooks,
                               pad_token_id=pad_token_id)
         for row, it in enumerate(chunk):
             tokens = gen.tokens(row)

@@ -96,19 +96,23 @@ class ModelFamily(ABC):
     # --- inputs ----------------------------------------------------------------------
     @abstractmethod
     def image_spans(self, cfg: VLMConfig, input_ids: Tensor, image_grid_thw: Tensor | None,
-                    key_padding: Tensor | None) -> list[ImageSpan]:
-        """The images' token spans from ``input_ids`` (and grids), without pixels."""
+                    key_padding: Tensor | None, image_cells=None) -> list[ImageSpan]:
+        """The images' token spans from ``input_ids`` (and grids), without pixels.
+        ``image_cells``: see `HookedVLM.forward` (images with removed tokens)."""
 
     @abstractmethod
     def prepare_inputs(
         self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
         image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,
-        token_type_ids: Tensor | None = None,
+        token_type_ids: Tensor | None = None, image_cells=None,
     ) -> PreparedInputs:
         """Validate the inputs; find padding, image spans, positions and (Gemma3) blocks.
 
         ``token_type_ids`` (Gemma3's processor output, 1 on image tokens) is optional and
         only checked against what ``input_ids`` imply; families that do not use it raise.
+        ``image_cells`` (optional): per image, the grid cells of the tokens left in
+        ``input_ids`` when some were removed; positions are those the family assigns to a
+        sequence holding only these tokens (see each family's ``prepare_inputs``).
         """
 
 

@@ -193,7 +193,11 @@ class Gemma3Family(ModelFamily):
 
     # --- inputs ----------------------------------------------------------------------
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None):
+                       token_type_ids=None, image_cells=None):
+        """See `ModelFamily.prepare_inputs`. With ``image_cells`` (images with removed
+        tokens), positions are what Gemma3 gives the shorter sequence: 1-D, counting the
+        real tokens that are left (the text after a pruned image moves up), and each
+        image's kept tokens form its bidirectional block."""
         check_input_ids(input_ids)
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw is not used by Gemma3 (every image is "
@@ -204,23 +208,26 @@ class Gemma3Family(ModelFamily):
         block_ids = image_block_ids(is_image)
         if token_type_ids is not None:
             check_token_type_ids(token_type_ids, is_image, cfg.image_token_id)
-        spans = self._spans(cfg, input_ids, is_image, block_ids, pixel_values, key_padding)
+        spans = self._spans(cfg, input_ids, is_image, block_ids, pixel_values, key_padding, image_cells)
         return PreparedInputs(input_ids, key_padding, spans, gemma3_position_ids(key_padding, input_ids.shape)
                               .to(device), block_ids if spans else None)
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding) -> list[ImageSpan]:
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None) -> list[ImageSpan]:
         mm, tok = cfg.extra["mm_tokens_per_image"], cfg.image_token_id
+        side = math.isqrt(mm)
+        if image_cells is not None:
+            return find_image_spans(input_ids, tok, [(1, side, side)] * len(image_cells), key_padding, image_cells)
         block_ids = image_block_ids(input_ids == tok)
         for row, start, stop in _runs(block_ids):
             if (stop - start) % mm:
                 raise ValueError(
                     f"the run of {stop - start} image tokens (id {tok}) at row {row}, positions "
                     f"{start}..{stop - 1} is not a whole number of images of mm_tokens_per_image={mm} tokens")
-        side = math.isqrt(mm)
         n_images = int((input_ids == tok).sum()) // mm
         return find_image_spans(input_ids, tok, [(1, side, side)] * n_images, key_padding)
 
-    def _spans(self, cfg, input_ids, is_image, block_ids, pixel_values, key_padding) -> list[ImageSpan]:
+    def _spans(self, cfg, input_ids, is_image, block_ids, pixel_values, key_padding,
+               image_cells=None) -> list[ImageSpan]:
         mm, tok = cfg.extra["mm_tokens_per_image"], cfg.image_token_id
         n_tokens = int(is_image.sum())
         n_blocks = int((block_ids.max(dim=-1).values + 1).sum())
@@ -232,7 +239,10 @@ class Gemma3Family(ModelFamily):
         size = cfg.extra["image_size"]
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must be [n_images, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
-        spans = self.image_spans(cfg, input_ids, None, key_padding)
+        if image_cells is not None and len(image_cells) != pixel_values.shape[0]:
+            raise ValueError(f"image_cells has {len(image_cells)} entries but pixel_values holds "
+                             f"{pixel_values.shape[0]} image(s)")
+        spans = self.image_spans(cfg, input_ids, None, key_padding, image_cells)
         if len(spans) != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values holds {pixel_values.shape[0]} image(s) but input_ids hold {n_tokens} image tokens "

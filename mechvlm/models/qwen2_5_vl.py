@@ -143,7 +143,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             grids.append((t, h // m, w // m))
         return grids
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding) -> list[ImageSpan]:
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None) -> list[ImageSpan]:
         if image_grid_thw is None:
             n_image_tokens = int((input_ids == cfg.image_token_id).sum())
             if n_image_tokens:
@@ -152,10 +152,15 @@ class Qwen2_5_VLFamily(ModelFamily):
                     "image_grid_thw is None: pass the image_grid_thw (and pixel_values) of the images"
                 )
             return []
-        return find_image_spans(input_ids, cfg.image_token_id, self.merged_grids(cfg, image_grid_thw), key_padding)
+        return find_image_spans(input_ids, cfg.image_token_id, self.merged_grids(cfg, image_grid_thw), key_padding,
+                                image_cells)
 
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None):
+                       token_type_ids=None, image_cells=None):
+        """See `ModelFamily.prepare_inputs`. With ``image_cells``, each kept image token keeps
+        the mRoPE position of its grid cell and the text after the image keeps its positions
+        (the grid still advances the position by ``max(h, w)``): removing a token changes
+        nothing else, as masking it as a key would."""
         if token_type_ids is not None:
             raise ValueError("token_type_ids is not used by Qwen2.5-VL (it is a Gemma3 input); drop it")
         check_input_ids(input_ids)
@@ -174,7 +179,7 @@ class Qwen2_5_VLFamily(ModelFamily):
                     f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw "
                     f"describes {n_patches} patches"
                 )
-        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding)
+        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells)
         position_ids = mrope_position_ids(input_ids.shape, spans, key_padding).to(device)
         return PreparedInputs(input_ids, key_padding, spans, position_ids)
 
@@ -187,7 +192,8 @@ def mrope_position_ids(
     Over the real tokens of each row: a text run continues ``arange`` from the current
     position ``p``; an image with merged grid (t, h, w) gets ``T = p + t_idx``,
     ``H = p + row``, ``W = p + col`` (row-major), then ``p += max(h, w)``. Padding
-    positions stay 0. The end-of-image token is ordinary text.
+    positions stay 0. The end-of-image token is ordinary text. A span holding some cells
+    only (``ImageSpan.cells``) gives its tokens the positions of those cells.
     """
     batch, seq = shape
     out = torch.zeros(3, batch, seq, dtype=torch.long)
@@ -203,7 +209,10 @@ def mrope_position_ids(
             p += start - cursor
             t, h, w = s.grid
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-            rows[:, start:start + s.n_tokens] = torch.stack([tt, hh, ww]).reshape(3, -1) + p
+            grid_pos = torch.stack([tt, hh, ww]).reshape(3, -1)
+            if s.cells is not None:
+                grid_pos = grid_pos[:, list(s.cells)]
+            rows[:, start:start + s.n_tokens] = grid_pos + p
             p += max(h, w)
             cursor = start + s.n_tokens
         rows[:, cursor:] = torch.arange(len(real_pos) - cursor) + p

@@ -32,7 +32,8 @@ from mechvlm.viz.labels import row_spans
 from mechvlm.viz.text import plain
 
 __all__ = ["QWEN_PATCH", "received_per_position", "image_grids", "model_pixel_size", "resize_to_grid",
-           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html", "attention_on_image_layers"]
+           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html", "attention_on_image_layers",
+           "grids_on_image"]
 
 QWEN_PATCH = 14
 
@@ -204,9 +205,6 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     stay the processor's pixels). ``share_scale``: one colour scale for all images.
     Returns a Figure with one panel per image.
     """
-    import matplotlib.cm
-    import matplotlib.pyplot as plt
-
     src = torch.as_tensor(source) if isinstance(source, (np.ndarray, list)) else source
     if _is_values(src, roles):
         values = src
@@ -220,20 +218,52 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     grids = image_grids(values, roles, batch_index=batch_index)
     if not grids:
         raise ValueError(f"row {batch_index} holds no image")
+    lay = f"Layer {layer}: " if layer is not None else ""
+    return grids_on_image(grids, images, cfg=cfg, cmap=cmap, alpha=alpha, share_scale=share_scale,
+                          show_grid=show_grid, min_side=min_side, size=size,
+                          title=title if title is not None else plain(f"{lay}{what}"))
+
+
+def grids_on_image(grids: list[tuple[ImageSpan, np.ndarray]], images=None, *, cfg=None, cmap="inferno",
+                   alpha: float = 0.55, share_scale: bool = True, show_grid: bool = False, min_side: int = 224,
+                   size: float = 3.6, title: str | None = None, vmin: float | None = 0.0,
+                   vmax: float | None = None, labels: list[str] | None = None, panel_titles: list[str] | None = None):
+    """Values on image grids ``[(span, array [h, w])]`` drawn over the images, one panel per
+    grid: the placement `attention_on_image` uses (each image resized to the processor's
+    size, `model_pixel_size`). ``vmin`` / ``vmax``: the colour range (None: the values' min /
+    max over the shared panels; NaN cells are left transparent). ``labels``: the grid holds
+    integer codes ``0 .. len(labels) - 1`` (categories), shown with a discrete colour bar
+    (``cmap``: a list of colours, one per label; default tab10's).
+    ``panel_titles`` replace the default "image k: h×w tokens". Returns a Figure."""
+    import matplotlib.cm
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    if not grids:
+        raise ValueError("no image grid to draw")
     imgs = _images_for([s for s, _ in grids], images)
-    vmax_all = max(float(g.max()) for _, g in grids)
+    finite = [g[np.isfinite(g)] for _, g in grids]
+    if labels is not None:
+        vmin, vmax = -0.5, len(labels) - 0.5
+        colors = cmap if isinstance(cmap, (list, tuple)) else matplotlib.colormaps["tab10"].colors[:len(labels)]
+        cmap = matplotlib.colors.ListedColormap(list(colors))
+    vmin_all = min((float(f.min()) for f in finite if f.size), default=0.0)
+    vmax_all = max((float(f.max()) for f in finite if f.size), default=1.0)
     fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids) + 0.8, size), squeeze=False)
-    for ax, (span, g), img in zip(axes[0], grids, imgs):
+    for i, (ax, (span, g), img) in enumerate(zip(axes[0], grids, imgs)):
         H, W = model_pixel_size(span, cfg)
         k = max(1, -(-min_side // max(H, W)))
         if img is not None:
             ax.imshow(resize_to_grid(img, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
         else:
             ax.imshow(np.zeros((H, W, 3), np.uint8), extent=(0, W, H, 0))
-        vmax = (vmax_all if share_scale else float(g.max())) or 1.0
-        im = ax.imshow(g, extent=(0, W, H, 0), cmap=cmap, alpha=alpha if img is not None else 1.0,
-                       vmin=0.0, vmax=vmax,
-                       interpolation="nearest")
+        f = g[np.isfinite(g)]
+        lo = vmin if vmin is not None else (vmin_all if share_scale else float(f.min()) if f.size else 0.0)
+        hi = vmax if vmax is not None else (vmax_all if share_scale else float(f.max()) if f.size else 1.0)
+        if hi <= lo:
+            hi = lo + 1.0
+        im = ax.imshow(np.ma.masked_invalid(g), extent=(0, W, H, 0), cmap=cmap,
+                       alpha=alpha if img is not None else 1.0, vmin=lo, vmax=hi, interpolation="nearest")
         if show_grid:
             _, h, w = span.grid
             for r in range(1, h):
@@ -244,11 +274,14 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         ax.set_ylim(H, 0)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"image {span.image}: {span.grid[1]}\u00d7{span.grid[2]} tokens", fontsize=9)
+        default = f"image {span.image}: {span.grid[1]}\u00d7{span.grid[2]} tokens"
+        ax.set_title(panel_titles[i] if panel_titles is not None else default, fontsize=9)
         opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
-        fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
-    lay = f"Layer {layer}: " if layer is not None else ""
-    fig.suptitle(title if title is not None else plain(f"{lay}{what}"), fontsize=10)
+        bar = fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
+        if labels is not None:
+            bar.set_ticks(range(len(labels)), labels=labels)
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
