@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from mechvlm.fileio import write_json  # noqa: E402
 from mechvlm.toy.checkpoint import SHIPPED  # noqa: E402
 from mechvlm.training.table2 import (SHIPPED_TABLE2, conditions_markdown, registers_share_markdown,  # noqa: E402
-                                     table2_entry, table2_markdown)
+                                     table2_entry, table2_markdown, val_curve_markdown)
 
 #: the schedule of the shipped results (seed 000 Table 3 except the toy-sized data and lr)
 SCHEDULE = ["--epochs", "10", "--toy-examples", "800", "--global-batch", "32", "--micro-batch", "16",
@@ -76,15 +76,17 @@ def main(argv=None) -> int:
                 walls[f"{family}/{variant}/report"] = mechvlm(
                     ["report", "--model", str(run / "model"), "--out", str(run / "report"), "--no-progress"],
                     runs / "log.txt")
+            log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
             rows[variant] = table2_entry(json.loads((run / "report" / "results.json").read_text()),
-                                         json.loads((run / "run.json").read_text()))
+                                         json.loads((run / "run.json").read_text()), log)
             write_json(a.out, {"schedule": SCHEDULE, "table2": table, "wall_s": walls,
                                "note": "mechvlm report on the shipped synthetic MMBench TSV (400 rows, 100 "
                                        "questions x 4 rotations) after fine-tuning on toy cc_sbu_align captions; "
                                        "wall times on a shared 2-core CPU, 1 thread"})
             print(f"{name} {variant}: accuracy {rows[variant]['accuracy']:.3f}", flush=True)
     summary = {"schedule": SCHEDULE, "table2": table}
-    print(table2_markdown(summary), conditions_markdown(summary), registers_share_markdown(summary), sep="\n\n")
+    print(table2_markdown(summary), conditions_markdown(summary), registers_share_markdown(summary),
+          val_curve_markdown(summary), sep="\n\n")
     return 0
 
 

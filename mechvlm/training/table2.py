@@ -16,8 +16,9 @@ VARIANT_LABELS = {"base": "shipped toy, not fine-tuned", "none": "fine-tuned (no
                   "256": "w/ registering (256 tokens)"}
 
 
-def table2_entry(results: dict, run: dict | None = None) -> dict:
-    """One variant's row from a report's ``results.json`` (and its fine-tuning ``run.json``)."""
+def table2_entry(results: dict, run: dict | None = None, log: list[dict] | None = None) -> dict:
+    """One variant's row from a report's ``results.json`` (and its fine-tuning ``run.json``
+    and ``log.jsonl`` rows: the validation-loss curve)."""
     ko = results["knockout"]
     none = ko["none"]
     entry = {
@@ -39,6 +40,8 @@ def table2_entry(results: dict, run: dict | None = None) -> dict:
                                                    "wall_s", "median_tokens_per_s", "n_train", "n_val")}
         entry["training"]["lr"] = run["config"]["lr"]
         entry["training"]["global_batch"] = run["config"]["global_batch"]
+    if log is not None:
+        entry.setdefault("training", {})["val_curve"] = [[r["step"], r["val_loss"]] for r in log if "val_loss" in r]
     return entry
 
 
@@ -83,4 +86,19 @@ def registers_share_markdown(table: dict) -> str:
         for v in [v for v in VARIANT_ORDER if v in rows and "text_to_registers" in rows[v]]:
             cells = " / ".join(f"{x:.2f}" for x in rows[v]["text_to_registers"])
             lines.append(f"| {model} | {VARIANT_LABELS.get(v, v)} | {cells} |")
+    return "\n".join(lines)
+
+
+def val_curve_markdown(table: dict) -> str:
+    """Markdown: the validation caption loss every logged step, per fine-tuned variant."""
+    curves = {(m, v): rows[v]["training"]["val_curve"] for m, rows in table["table2"].items()
+              for v in VARIANT_ORDER if v in rows and "val_curve" in (rows[v].get("training") or {})}
+    if not curves:
+        return ""
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    lines = ["| model | variant | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for (m, v), c in curves.items():
+        at = dict((s, x) for s, x in c)
+        lines.append(f"| {m} | {VARIANT_LABELS.get(v, v)} | " + " | ".join(
+            f"{at[s]:.2f}" if s in at else "" for s in steps) + " |")
     return "\n".join(lines)
