@@ -135,15 +135,19 @@ def _csv(value: str | None) -> list[str]:
 
 def _report(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .distributed import init_from_env, shutdown, terminate_cleanly
     from .report import ReportConfig, run_report
 
+    device = init_from_env(args.device)  # under torchrun: join the group; "cuda" -> cuda:LOCAL_RANK
     cfg = ReportConfig(models=tuple(args.model or ()), mmbench=args.mmbench, limit=args.limit,
-                       device=args.device, dtype=args.dtype, out=args.out, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, examples=args.examples,
+                       device=device, device_map=args.device_map, dtype=args.dtype, out=args.out,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, examples=args.examples,
                        progress=not args.no_progress, analyses=tuple(_csv(args.analyses)),
-                       overwrite=args.overwrite,
+                       overwrite=args.overwrite, resume=args.resume,
                        **({"conditions": tuple(_csv(args.conditions))} if args.conditions else {}))
-    run_report(cfg)
+    with terminate_cleanly():
+        run_report(cfg)
+    shutdown()
     return 0
 
 
@@ -215,11 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--mmbench", default=None, help="MMBench-format TSV (default: shipped synthetic one)")
     rep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N rows (default: all)")
     rep.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    rep.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                     help="split each model over the GPUs as HF's device_map does (under torchrun: over this "
+                          "process's share of the node's GPUs), offloading to the CPU what does not fit "
+                          "(default: all on --device)")
     rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="weights and activations")
     rep.add_argument("--out", default="mechvlm-report", help="output directory")
     rep.add_argument("--overwrite", action="store_true",
                      help="replace files in --out that mechvlm did not write (refused otherwise)")
+    rep.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out from its journal (refused if a model, the "
+                          "TSV or a setting changed)")
     rep.add_argument("--batch-size", type=positive_int, default=16, help="items per forward")
     rep.add_argument("--max-new-tokens", type=positive_int, default=4, help="tokens generated greedily per item")
     rep.add_argument("--examples", type=int, default=4, help="items drawn as attention-on-image rows")

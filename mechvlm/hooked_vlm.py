@@ -33,6 +33,7 @@ from mechvlm.models.base import (
     padding_from_attention_mask,
 )
 from mechvlm.optional_hooks import OptionalHooksMixin
+from mechvlm.placement import check_placement_arguments, place_as_asked
 from mechvlm.return_types import check_return_type, forward_output
 from mechvlm.roles import TokenRoles, compute_roles, records_batch
 from mechvlm.tokens import TokenizerMixin
@@ -96,13 +97,15 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         self.vision = vision
         self._rotary = family.rotary(cfg)
         self._warned_n_ctx = False
+        self.placement = None  # `mechvlm.placement.Placement` once split over devices
         self.setup()
 
     # ------------------------------------------------------------------ construction --
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, dtype: torch.dtype | None = None,
                 device: str | torch.device | None = None, tokenizer=None, processor=None,
-                fold_ln: bool = False, center_unembed: bool = False) -> "HookedVLM":
+                fold_ln: bool = False, center_unembed: bool = False, device_map=None, max_memory=None,
+                n_devices: int | None = None, offload_folder=None) -> "HookedVLM":
         """Build from an in-memory HF model (e.g. ``Qwen2_5_VLForConditionalGeneration``).
 
         The HF model is not modified: its weights and vision tower are copied (cast to
@@ -110,17 +113,21 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         hooks registered on the HF modules are not carried over. ``tokenizer`` (HF)
         enables ``to_tokens`` & co.; ``processor`` (a `mechvlm.InputBuilder`, or an HF image
         processor used with ``tokenizer``) enables ``to_inputs``. ``fold_ln`` /
-        ``center_unembed``: `process_weights_`.
+        ``center_unembed``: `process_weights_`. ``device_map`` / ``max_memory`` /
+        ``n_devices`` / ``offload_folder``: as in `from_pretrained`.
         """
+        check_placement_arguments(device=device, device_map=device_map, max_memory=max_memory, n_devices=n_devices)
         model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=True)
         model._attach_processing(tokenizer, processor, hf_model.config)
         model.process_weights_(fold_ln=fold_ln, center_unembed=center_unembed)
-        return model
+        return place_as_asked(model, device_map=device_map, max_memory=max_memory, n_devices=n_devices,
+                              offload_folder=offload_folder)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, strict: bool = True,
-                        fold_ln: bool = False, center_unembed: bool = False, **hf_kwargs) -> "HookedVLM":
+                        fold_ln: bool = False, center_unembed: bool = False, device_map=None, max_memory=None,
+                        n_devices: int | None = None, offload_folder=None, **hf_kwargs) -> "HookedVLM":
         """Load a hub id (``"Qwen/Qwen2.5-VL-3B-Instruct"``) or a local directory in HF
         layout. ``dtype=None`` keeps the checkpoint's dtype. Extra keyword arguments go
         to the HF ``from_pretrained`` (``revision``, ``local_files_only``, ...).
@@ -133,7 +140,16 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         The checkpoint's tokenizer and image processor, when it has them, are attached
         (``model.tokenizer``, ``model.to_inputs``). ``fold_ln=True`` folds the norm weights
         (`process_weights_`; logits unchanged), which TransformerLens' attribution helpers
-        assume; it is off by default so that weights stay HF's."""
+        assume; it is off by default so that weights stay HF's.
+
+        Several devices (`mechvlm.placement`, ``docs/scaling.md``): ``device_map="auto"`` (or
+        ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``; with ``max_memory={0: "20GiB",
+        1: "20GiB", "cpu": "200GiB"}``) splits the blocks over the devices as HF would; a
+        dict ``{"vision": 0, "embed": 0, "blocks.0": 0, ..., "ln_final": 1, "unembed": 1}``
+        (``{"blocks": 1, ...}`` for groups) places each piece; ``"cpu"`` next to a GPU and
+        ``"disk"`` (needs ``offload_folder``) are offloaded through accelerate's hooks.
+        ``n_devices=k``: TransformerLens' split over ``cuda:0..k-1``. The weights are loaded
+        on the CPU first, then placed."""
         import transformers
 
         from mechvlm.checkpoint_check import load_hf_checked, load_hf_config
@@ -142,11 +158,13 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         family = family_for(hf_config)
         hf_class = getattr(transformers, family.hf_class_name)
         # a missing / unexpected tensor raises, naming it, instead of a random initialisation
+        check_placement_arguments(device=device, device_map=device_map, max_memory=max_memory, n_devices=n_devices)
         hf_model = load_hf_checked(hf_class, name_or_path, strict=strict, dtype=dtype or "auto", **hf_kwargs)
         model = cls._build(hf_model, dtype=dtype, device=device, copy_weights=False)
         model._attach_from_checkpoint(name_or_path, hf_config)
         model.process_weights_(fold_ln=fold_ln, center_unembed=center_unembed)
-        return model
+        return place_as_asked(model, device_map=device_map, max_memory=max_memory, n_devices=n_devices,
+                              offload_folder=offload_folder)
 
     def _attach_from_checkpoint(self, name_or_path: str, hf_config) -> None:
         from pathlib import Path
@@ -220,7 +238,9 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
     # ----------------------------------------------------------------------- forward --
     @property
     def device(self) -> torch.device:
-        return self.embed.W_E.device
+        """Where the inputs go (the embedding's device; a placed model's main device)."""
+        placement = getattr(self, "placement", None)
+        return placement.main_device if placement is not None else self.embed.W_E.device
 
     @property
     def dtype(self) -> torch.dtype:

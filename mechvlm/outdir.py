@@ -121,15 +121,17 @@ def _stat_key(p: Path) -> tuple[int, int, int]:
 
 
 def prepare_out_dir(folder: str | os.PathLike, *, overwrite: bool = False, arg: str = "--out",
-                    check_parent_only: bool = False) -> OutDirSnapshot:
+                    check_parent_only: bool = False, ours=None) -> OutDirSnapshot:
     """Check an output folder before any compute (see the module doc); returns the snapshot
     `write_manifest` needs. ``check_parent_only``: the folder is replaced as a whole
-    (`mechvlm.fileio.atomic_dir`), so only its parent must be writable."""
+    (`mechvlm.fileio.atomic_dir`), so only its parent must be writable. ``ours(relative
+    path)``: files the caller vouches for although the manifest does not list them (a
+    resumed run's journal)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{arg} {folder} is a file, not a folder; choose another {arg}")
     if folder.is_dir() and not overwrite:
-        foreign = foreign_files(folder)
+        foreign = [f for f in foreign_files(folder) if ours is None or not ours(f)]
         if foreign:
             raise OutputExistsError(
                 f"{arg} {folder} holds {len(foreign)} file(s) mechvlm did not write there (or that changed "

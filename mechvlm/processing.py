@@ -97,9 +97,12 @@ class InputBuilder:
         return sorted(i for i in ids if i is not None)
 
     # --------------------------------------------------------------------------- text --
-    def render(self, prompt: str, n_images: int) -> str:
-        """The chat-templated text of one user turn (images first), with a generation prompt."""
+    def render(self, prompt: str, n_images: int, prefix: str | None = None) -> str:
+        """The chat-templated text of one user turn (images first, or after the text
+        ``prefix``), with a generation prompt."""
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        if prefix is not None:
+            content.insert(0, {"type": "text", "text": prefix})
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
@@ -135,14 +138,24 @@ class InputBuilder:
             return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, n
         return {"pixel_values": out["pixel_values"]}, [self.config.mm_tokens_per_image] * len(images)
 
-    def encode(self, prompts: list[str], tokens_per_image: list[list[int]]) -> dict[str, Tensor]:
+    def encode(self, prompts: list[str], tokens_per_image: list[list[int]],
+               prefixes: list[str | None] | None = None) -> dict[str, Tensor]:
         """Token ids (left-padded) for prompts whose images have the given token counts."""
-        texts = [self.expand_images(self.render(p, len(n)), n) for p, n in zip(prompts, tokens_per_image)]
+        prefixes = prefixes if prefixes is not None else [None] * len(prompts)
+        texts = [self.expand_images(self.render(p, len(n), pre), n)
+                 for p, n, pre in zip(prompts, tokens_per_image, prefixes, strict=True)]
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def __call__(self, prompts: list[str], images: list[list[Any]] | None = None) -> dict[str, Tensor]:
+    def __call__(self, prompts: list[str], images: list[list[Any]] | None = None, *,
+                 prefixes: str | list[str | None] | None = None) -> dict[str, Tensor]:
+        """``prefixes``: text put before the images of each prompt (one string for every
+        row, or one per row, None for none): the text-prefix control of seed 002."""
         images = images if images is not None else [[] for _ in prompts]
+        if isinstance(prefixes, str):
+            prefixes = [prefixes] * len(prompts)
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} prefixes")
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         flat = [im for ims in images for im in ims]
@@ -151,7 +164,7 @@ class InputBuilder:
         for ims in images:
             per_prompt.append(counts[i:i + len(ims)])
             i += len(ims)
-        return {**self.encode(prompts, per_prompt), **tensors}
+        return {**self.encode(prompts, per_prompt, prefixes), **tensors}
 
     @property
     def end_of_turn_id(self) -> int:

@@ -20,10 +20,8 @@ LossBatch = tuple[Mapping, Tensor]
 DROP_MODES = ("removed", "masked")
 
 
-def iter_loss_batches(batches: LossBatch | Iterable[LossBatch], progress: bool, desc: str):
-    """One ``(batch, target_mask)`` pair or an iterable of them, in a tqdm bar."""
-    from tqdm.auto import tqdm
-
+def loss_batch_list(batches: LossBatch | Iterable[LossBatch]) -> list[LossBatch]:
+    """One ``(batch, target_mask)`` pair or an iterable of them, as a checked list."""
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Mapping):
         batches = [batches]
     batches = list(batches)
@@ -32,7 +30,14 @@ def iter_loss_batches(batches: LossBatch | Iterable[LossBatch], progress: bool, 
                 and isinstance(b[1], Tensor)):
             raise TypeError(f"loss batch {i}: expected a (batch dict, target_mask tensor) pair, as "
                             f"InputBuilder.with_targets returns, got {type(b).__name__}")
-    return tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False)
+    return batches
+
+
+def iter_loss_batches(batches: LossBatch | Iterable[LossBatch], progress: bool, desc: str):
+    """One ``(batch, target_mask)`` pair or an iterable of them, in a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    return tqdm(loss_batch_list(batches), desc=desc, disable=not progress, unit="batch", leave=False)
 
 
 @torch.no_grad()

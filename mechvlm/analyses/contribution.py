@@ -20,7 +20,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, iter_loss_batches, loss_without, repeat_rows
+from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, loss_batch_list, loss_without, repeat_rows
+from mechvlm.distributed import map_units
 from mechvlm.image_layout import ImageSpan
 from mechvlm.metrics._common import frame
 
@@ -106,6 +107,7 @@ def token_contribution(
     mode: str = "removed",
     batch_size: int = 16,
     progress: bool = True,
+    journal=None,
 ) -> ContributionResult:
     """Per-unit contribution map of every image (see the module doc).
 
@@ -116,6 +118,11 @@ def token_contribution(
         mode: ``"removed"`` (from the sequence) or ``"masked"`` (as keys).
         batch_size: variants (rows) per forward.
         progress: a tqdm bar over the batches.
+        journal: a `mechvlm.journal.JournalTask`: batches it holds are read back, the
+            others computed and appended (a resumable run).
+
+    Under an initialised process group (``torchrun``) the batches are shared out over the
+    ranks (`mechvlm.distributed.map_units`) and every rank returns the one-process result.
     """
     if mode not in DROP_MODES:
         raise ValueError(f"mode must be one of {DROP_MODES}, got {mode!r}")
@@ -123,17 +130,22 @@ def token_contribution(
         raise ValueError(f"unknown unit {unit!r}; choose from {UNITS}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    maps, deltas, units_out, spans_out, example, base = [], [], [], [], [], []
-    n_forwards = n_variants = n_examples = 0
-    for batch, target in iter_loss_batches(batches, progress, "token_contribution"):
+
+    def layout(batch):
         roles = model.roles(**batch)
-        feats = image_features(model, batch)
         spans = sorted(roles.spans, key=lambda s: (s.row, s.start))
         units = {s.image: image_units(s, unit, block) for s in spans}
         # variants: (row, span or None, unit index); the full input of each row first
         variants = [(r, None, -1) for r in range(roles.shape[0])]
         variants += [(s.row, s, u) for s in spans for u in range(len(units[s.image]))]
+        return roles, spans, units, variants
+
+    def one_batch(pair) -> dict:
+        batch, target = pair
+        roles, spans, units, variants = layout(batch)
+        feats = image_features(model, batch)
         losses = torch.empty(len(variants))
+        n_forwards = 0
         for start in range(0, len(variants), batch_size):
             chunk = variants[start:start + batch_size]
             sub = repeat_rows(batch, roles, [r for r, _, _ in chunk], feats)
@@ -146,6 +158,16 @@ def token_contribution(
             losses[start:start + len(chunk)] = loss_without(model, sub, target[[r for r, _, _ in chunk]],
                                                             sub_roles, drop, mode)
             n_forwards += 1
+        return {"losses": losses, "n_forwards": n_forwards}
+
+    pairs = loss_batch_list(batches)
+    parts = map_units(one_batch, pairs, journal=journal, progress=progress, desc="token_contribution")
+    maps, deltas, units_out, spans_out, example, base = [], [], [], [], [], []
+    n_forwards = n_variants = n_examples = 0
+    for (batch, _), part in zip(pairs, parts, strict=True):
+        roles, spans, units, variants = layout(batch)
+        losses = part["losses"]
+        n_forwards += part["n_forwards"]
         n_variants += len(variants)
         row_base = losses[:roles.shape[0]]
         base.append(row_base)

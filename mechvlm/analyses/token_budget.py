@@ -16,8 +16,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, iter_loss_batches, loss_without, row_losses
+from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, loss_batch_list, loss_without, row_losses
 from mechvlm.analyses.token_selection import STRATEGIES, check_strategies, received_scores, token_order
+from mechvlm.distributed import map_units
 from mechvlm.metrics._common import frame
 
 
@@ -116,6 +117,7 @@ def token_budget(
     seed: int = 0,
     mode: str = "removed",
     progress: bool = True,
+    journal=None,
 ) -> TokenBudgetResult:
     """Loss of the target tokens when every image keeps only some of its tokens.
 
@@ -131,6 +133,12 @@ def token_budget(
         mode: ``"removed"`` (from the sequence, positions as the model assigns them) or
             ``"masked"`` (as keys); see `mechvlm.interventions.pruning`.
         progress: a tqdm bar over the batches.
+        journal: a `mechvlm.journal.JournalTask`: batches it holds are read back, the
+            others computed and appended (a resumable run).
+
+    Batch ``i``'s random orders are drawn from a generator seeded with ``(seed, i)``, so
+    under an initialised process group (``torchrun``) the batches are shared out over the
+    ranks (`mechvlm.distributed.map_units`) and every rank returns the one-process result.
     """
     if mode not in DROP_MODES:
         raise ValueError(f"mode must be one of {DROP_MODES}, got {mode!r}")
@@ -138,22 +146,23 @@ def token_budget(
         raise ValueError(f"draws must be at least 1, got {draws}")
     kind, budgets = _check_budgets(ks, fractions, mode)
     strategies = check_strategies(strategies)
-    gen = torch.Generator().manual_seed(seed)
-    losses, full, fracs, n_forwards = [], [], [], 0
-    for batch, target in iter_loss_batches(batches, progress, "token_budget"):
+
+    def one_batch(unit) -> dict:
+        index, (batch, target) = unit
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per batch: shardable, resumable
         roles = model.roles(**batch)
         if not roles.spans:
-            raise ValueError("a loss batch holds no image: the token budget needs image tokens")
+            raise ValueError(f"loss batch {index} holds no image: the token budget needs image tokens")
         batch = dict(batch, image_embeds=image_features(model, batch))  # the tower runs once per batch
-        full.append(row_losses(model, batch, target))
-        n_forwards += 1
+        full = row_losses(model, batch, target)
+        n_forwards = 1
         scores = None
         if "top_attention" in strategies:
             prompt_text = roles.text & ~target.to(roles.text.device)
             scores = received_scores(model, batch, roles, prompt_text)
             n_forwards += 1
         spans = sorted(roles.spans, key=lambda s: s.image)
-        fracs.append(torch.tensor([[_kept(s.n_tokens, b, kind) / s.n_tokens for s in spans] for b in budgets]))
+        fracs = torch.tensor([[_kept(s.n_tokens, b, kind) / s.n_tokens for s in spans] for b in budgets])
         per = torch.full((len(strategies), len(budgets), draws, roles.shape[0]), float("nan"))
         for si, strategy in enumerate(strategies):
             for d in range(draws if strategy == "random" else 1):
@@ -166,7 +175,12 @@ def token_budget(
                         drop[s.row, s.start + order[_kept(s.n_tokens, budget, kind):]] = True
                     per[si, bi, d] = loss_without(model, batch, target, roles, drop, mode)
                     n_forwards += 1
-        losses.append(per)
+        return {"loss": per, "full": full, "fracs": fracs, "n_forwards": n_forwards}
+
+    parts = map_units(one_batch, list(enumerate(loss_batch_list(batches))), journal=journal,
+                      progress=progress, desc="token_budget")
+    losses, full, fracs = ([p[k] for p in parts] for k in ("loss", "full", "fracs"))
+    n_forwards = sum(p["n_forwards"] for p in parts)
     return TokenBudgetResult(
         loss=torch.cat(losses, dim=-1), full_loss=torch.cat(full), kept_fraction=torch.cat(fracs, 1).mean(1),
         budgets=budgets, budget_kind=kind, strategies=strategies, draws=draws, mode=mode, seed=seed,

@@ -6,6 +6,8 @@ without padding never materialises a ``[q, k]`` mask (SDPA gets ``is_causal=True
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -61,3 +63,19 @@ class AttentionMask:
     def sdpa_mask(self, window: int | None) -> Bool[Tensor, "batch 1 q k"] | None:
         """None when ``is_causal=True`` suffices, else the dense mask."""
         return None if self.is_plain_causal(window) else self.dense(window)
+
+    def to(self, device, non_blocking: bool = False) -> "AttentionMask":
+        """This mask on ``device`` (for a block placed there, `mechvlm.placement`): its
+        tensors moved once per device, its dense masks rebuilt there when asked."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved_by_device = self.__dict__.setdefault("_moved", {})
+        if device not in moved_by_device:
+            moved = copy.copy(self)
+            for name, value in vars(self).items():
+                if isinstance(value, Tensor):
+                    setattr(moved, name, value.to(device, non_blocking=non_blocking))
+            moved.device, moved._dense, moved._moved = device, {}, {}
+            moved_by_device[device] = moved
+        return moved_by_device[device]

@@ -94,11 +94,11 @@ def mean_head_outputs(model, batches: Iterable[dict], layers: Iterable[int] | No
     for batch in batches:
         am = batch.get("attention_mask")
         real = (am.bool() if am is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool))
-        real = real.to(model.device)
+        real_on = OnDevice(real.to(model.device))  # moved once per device of a placed model
 
         def accumulate(z, hook):
             l = int(hook.name.split(".")[1])
-            sums[l] = sums[l] + (z * real[:, :, None, None]).sum((0, 1)).double()
+            sums[l] = sums[l] + (z * real_on.get(z.device)[:, :, None, None]).sum((0, 1)).double()
 
         model.run_with_hooks(**batch, return_type=None,
                              fwd_hooks=[(f"blocks.{l}.attn.hook_z", accumulate) for l in layers])

@@ -32,6 +32,19 @@ def iter_batches(batches: Batch | Iterable[Batch], progress: bool, desc: str):
     return tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
 
 
+def map_batches(fn: Callable[[Batch], Any], batches: Batch | Iterable[Batch], *, progress: bool, desc: str,
+                journal=None) -> list:
+    """``[fn(batch) for batch in batches]`` (one batch dict or an iterable of them), with a
+    progress bar; under a process group sharded over the ranks and gathered in order on
+    every rank, resumable with ``journal`` (`mechvlm.distributed.map_units`). ``fn``
+    returns small CPU results."""
+    from mechvlm.distributed import map_units
+
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    return map_units(fn, batches, journal=journal, progress=progress, desc=desc)
+
+
 def select_layers(model, layers: Iterable[int] | int | None) -> list[int]:
     """Sorted unique layer indices (None: all layers); negative indices count from the end."""
     n = model.cfg.n_layers

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechvlm.interventions._common import OnDevice
 from mechvlm.metrics._common import Hooks, chunk_rows, hook_matches
 
 _PATTERN_POINTS = ("attn.hook_attn_scores", "attn.hook_pattern")
@@ -75,8 +76,8 @@ class QueryAttention:
         layers: the layers to read.
         query_mask: ``[batch, pos]`` the query tokens ``Q`` of each row.
         reduce: ``reduce(layer, mass)`` with ``mass`` ``[batch, head, key]`` fp32 (the summed
-            rows of ``Q``), called once per layer during the forward; what it returns is kept
-            in ``self.results[layer]`` (keep it small).
+            rows of ``Q``, on the layer's device), called once per layer during the forward;
+            what it returns is kept in ``self.results[layer]`` (keep it small).
         other_hooks: the user's hooks of the same run (decides streaming vs pattern layers).
         query_chunk: query rows per chunk (default: see `chunk_rows`, the MLP activation
             budget).
@@ -97,6 +98,8 @@ class QueryAttention:
         b, n = query_mask.shape
         self.qpos: Int[Tensor, " query"] = query_mask.any(0).nonzero().squeeze(-1)
         self.qsel: Float[Tensor, "batch query"] = query_mask[:, self.qpos].float()
+        # on each layer's device, moved once per device (a model placed over devices)
+        self._qpos, self._qsel = OnDevice(self.qpos), OnDevice(self.qsel)
         self.chunk = query_chunk or chunk_rows(model, b * n, b * model.cfg.n_heads * n)
         self.pattern_layers = {l for l in self.layers if reads_pattern(model, l, list(other_hooks))}
         self.results: dict[int, Tensor] = {}
@@ -128,31 +131,33 @@ class QueryAttention:
 
         def on_mask(allowed: Tensor, hook) -> None:
             q, k = self._q.pop(layer), self._k.pop(layer)
+            qpos = self._qpos.get(q.device)
             mass = None
-            for s in range(0, len(self.qpos), self.chunk):
-                idx = self.qpos[s:s + self.chunk]
+            for s in range(0, len(qpos), self.chunk):
+                idx = qpos[s:s + self.chunk]
                 rows = query_attention_rows(q[:, idx], k, allowed[:, :, idx], scale)
                 mass = self._add(mass, rows, s, len(idx))
-            self._finish(layer, mass, q.shape[0], allowed.shape[-1])
+            self._finish(layer, mass, q.shape[0], allowed.shape[-1], q.device)
 
         return on_mask
 
     def _pattern_hook(self, layer: int):
         def on_pattern(pattern: Tensor, hook) -> None:
+            qpos = self._qpos.get(pattern.device)
             mass = None
-            for s in range(0, len(self.qpos), self.chunk):
-                idx = self.qpos[s:s + self.chunk]
+            for s in range(0, len(qpos), self.chunk):
+                idx = qpos[s:s + self.chunk]
                 mass = self._add(mass, pattern[:, :, idx].float(), s, len(idx))
-            self._finish(layer, mass, pattern.shape[0], pattern.shape[-1])
+            self._finish(layer, mass, pattern.shape[0], pattern.shape[-1], pattern.device)
 
         return on_pattern
 
     def _add(self, mass: Tensor | None, rows: Float[Tensor, "batch head c key"], s: int, c: int) -> Tensor:
         # sum the chunk's rows, each weighted by whether it is a query of that batch row
-        part = torch.einsum("bhck,bc->bhk", rows, self.qsel[:, s:s + c])
+        part = torch.einsum("bhck,bc->bhk", rows, self._qsel.get(rows.device)[:, s:s + c])
         return part if mass is None else mass + part
 
-    def _finish(self, layer: int, mass: Tensor | None, b: int, n: int) -> None:
+    def _finish(self, layer: int, mass: Tensor | None, b: int, n: int, device: torch.device) -> None:
         if mass is None:  # no query token in the batch
-            mass = torch.zeros(b, self.model.cfg.n_heads, n, device=self.model.device)
+            mass = torch.zeros(b, self.model.cfg.n_heads, n, device=device)
         self.results[layer] = self.reduce(layer, mass)

@@ -9,8 +9,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvlm.metrics._common import (Batch, FwdHooks, Selection, frame, iter_batches, long_rows, resolve,
-                                     run_forward, select_layers, selection_label, user_hooks)
+from mechvlm.interventions._common import OnDevice
+from mechvlm.metrics._common import (Batch, FwdHooks, Selection, frame, long_rows, map_batches, resolve, run_forward,
+                                     select_layers, selection_label, user_hooks)
 from mechvlm.metrics.attention_rows import QueryAttention
 
 
@@ -90,6 +91,7 @@ def attention_share(
     fwd_hooks: FwdHooks = None,
     progress: bool = True,
     query_chunk: int | None = None,
+    journal=None,
 ) -> AttentionShareResult:
     """How the attention of ``query`` tokens splits over key roles, per layer and head.
 
@@ -109,6 +111,12 @@ def attention_share(
             list``); the metric sees their effect (e.g. a knockout's edited pattern).
         progress: show a tqdm bar over batches.
         query_chunk: query rows computed at once (default from the MLP activation size).
+        journal: a `mechvlm.journal.JournalTask`: batches it holds are read back, the
+            others computed and appended (a resumable run).
+
+    Under an initialised process group (``torchrun``), every rank passes the same batches,
+    computes its share of them and returns the whole result (`mechvlm.distributed`),
+    equal to a one-process run's.
 
     METHODS §1's Narrow-gate variant is ``head_share`` with key selections {internal image
     tokens, last image token, EOI, image start} (pass callables ``roles -> mask``); averaging
@@ -118,19 +126,21 @@ def attention_share(
     keys = list(keys)
     if not keys:
         raise ValueError("attention_share needs at least one key role")
-    raws, n_queries = [], []
+
+    def one_batch(batch: Batch) -> dict:
+        roles = model.roles(**batch)
+        qmask = resolve(roles, query)
+        kmask = OnDevice(torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32))
+        hooks = user_hooks(fwd_hooks, batch, roles)
+        qa = QueryAttention(model, layer_list, qmask,
+                            lambda l, mass: torch.einsum("bhk,rbk->bhr", mass, kmask.get(mass.device)),
+                            other_hooks=hooks, query_chunk=query_chunk)
+        run_forward(model, batch, hooks + qa.hooks())
+        return {"raw": torch.stack([qa.results[l].cpu() for l in layer_list], dim=1),
+                "n_queries": qmask.sum(-1).cpu()}
+
     with torch.no_grad():
-        for batch in iter_batches(batches, progress, "attention_share"):
-            roles = model.roles(**batch)
-            qmask = resolve(roles, query)
-            kmask = torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32)
-            hooks = user_hooks(fwd_hooks, batch, roles)
-            qa = QueryAttention(model, layer_list, qmask,
-                                lambda l, mass: torch.einsum("bhk,rbk->bhr", mass, kmask),
-                                other_hooks=hooks, query_chunk=query_chunk)
-            run_forward(model, batch, hooks + qa.hooks())
-            raws.append(torch.stack([qa.results[l] for l in layer_list], dim=1).cpu())
-            n_queries.append(qmask.sum(-1).cpu())
+        parts = map_batches(one_batch, batches, progress=progress, desc="attention_share", journal=journal)
     return AttentionShareResult.from_raw(
-        torch.cat(raws), torch.cat(n_queries), layer_list,
+        torch.cat([p["raw"] for p in parts]), torch.cat([p["n_queries"] for p in parts]), layer_list,
         [selection_label(k, i) for i, k in enumerate(keys)], selection_label(query))

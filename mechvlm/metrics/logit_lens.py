@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechvlm.metrics._common import (Batch, FwdHooks, Selection, chunk_rows, frame, iter_batches, resolve,
+from mechvlm.interventions._common import OnDevice
+from mechvlm.metrics._common import (Batch, FwdHooks, Selection, chunk_rows, frame, map_batches, resolve,
                                      run_forward, select_layers, selection_label, user_hooks)
 from mechvlm.metrics.residual import LayerLabel, final_norm, resid_hooks, resid_points
 
@@ -92,6 +93,7 @@ def logit_lens(
     fwd_hooks: FwdHooks = None,
     progress: bool = True,
     chunk: int | None = None,
+    journal=None,
 ) -> LogitLensResult:
     """Logit lens: top-k tokens of ``softmax(W_U . ln_final(h_l[j]))`` per layer and position.
 
@@ -107,7 +109,7 @@ def logit_lens(
         layers: layer indices (default all); ``include_embed`` adds the embeddings first.
         labels: token ids of a reference set (e.g. object names); gives ``hits`` and
             ``alignment``.
-        fwd_hooks, progress: as in `attention_share`.
+        fwd_hooks, progress, journal: as in `attention_share` (process groups too).
     """
     layer_list = select_layers(model, layers)
     points = resid_points(layer_list, include_embed)
@@ -116,38 +118,50 @@ def logit_lens(
         label_t = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels,
                                   dtype=torch.long).flatten().to(model.device)
     W = model.unembed.weight  # [d_vocab, d_model]
+    if W.is_meta:
+        raise ValueError("logit_lens reads the unembedding inside the blocks' hooks: it cannot run with unembed "
+                         "offloaded (device_map 'cpu' / 'disk'); keep unembed on a device")
+    labels_on = OnDevice(label_t) if label_t is not None else None
+
+    def one_batch(batch: Batch) -> dict:
+        roles = model.roles(**batch)
+        pmask = resolve(roles, positions).to(model.device)
+        b, n = pmask.shape
+        step = chunk or chunk_rows(model, b * n, model.cfg.d_vocab)
+        per_layer: dict[LayerLabel, tuple[Tensor, Tensor]] = {}
+
+        def on_states(label, h: Tensor) -> None:
+            h = h.to(W.device)  # the selected positions only, to the unembedding's device
+            ids, probs = [], []
+            for s in range(0, h.shape[0], step):
+                logits = F.linear(final_norm(model, h[s:s + step]), W)
+                p, i = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+                ids.append(i)
+                probs.append(p)
+            empty = h.new_zeros(0, k)
+            per_layer[label] = (torch.cat(ids) if ids else empty.long(),
+                                torch.cat(probs) if probs else empty.float())
+
+        hooks = user_hooks(fwd_hooks, batch, roles)
+        run_forward(model, batch, hooks + resid_hooks(points, pmask, on_states))
+        ids = torch.stack([per_layer[label][0] for label, _ in points], dim=1)  # [m, L, k]
+        row, pos = pmask.nonzero(as_tuple=True)
+        return {"ids": ids.cpu(), "probs": torch.stack([per_layer[label][1] for label, _ in points], dim=1).cpu(),
+                "hits": torch.isin(ids, labels_on.get(ids.device)).any(-1).cpu() if labels_on else None,
+                "row": row.cpu(), "pos": pos.cpu(), "b": b}
+
+    with torch.no_grad():
+        parts = map_batches(one_batch, batches, progress=progress, desc="logit_lens", journal=journal)
     out_ids, out_probs, out_hits, out_ex, out_pos = [], [], [], [], []
     n_seen = 0
-    with torch.no_grad():
-        for batch in iter_batches(batches, progress, "logit_lens"):
-            roles = model.roles(**batch)
-            pmask = resolve(roles, positions).to(model.device)
-            b, n = pmask.shape
-            step = chunk or chunk_rows(model, b * n, model.cfg.d_vocab)
-            per_layer: dict[LayerLabel, tuple[Tensor, Tensor]] = {}
-
-            def on_states(label, h: Tensor) -> None:
-                ids, probs = [], []
-                for s in range(0, h.shape[0], step):
-                    logits = F.linear(final_norm(model, h[s:s + step]), W)
-                    p, i = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
-                    ids.append(i)
-                    probs.append(p)
-                empty = h.new_zeros(0, k)
-                per_layer[label] = (torch.cat(ids) if ids else empty.long(),
-                                    torch.cat(probs) if probs else empty.float())
-
-            hooks = user_hooks(fwd_hooks, batch, roles)
-            run_forward(model, batch, hooks + resid_hooks(points, pmask, on_states))
-            ids = torch.stack([per_layer[label][0] for label, _ in points], dim=1)  # [m, L, k]
-            out_ids.append(ids.cpu())
-            out_probs.append(torch.stack([per_layer[label][1] for label, _ in points], dim=1).cpu())
-            if label_t is not None:
-                out_hits.append(torch.isin(ids, label_t).any(-1).cpu())
-            row, pos = pmask.nonzero(as_tuple=True)
-            out_ex.append(row.cpu() + n_seen)
-            out_pos.append(pos.cpu())
-            n_seen += b
+    for part in parts:
+        out_ids.append(part["ids"])
+        out_probs.append(part["probs"])
+        if label_t is not None:
+            out_hits.append(part["hits"])
+        out_ex.append(part["row"] + n_seen)
+        out_pos.append(part["pos"])
+        n_seen += part["b"]
     return LogitLensResult(
         top_ids=torch.cat(out_ids), top_probs=torch.cat(out_probs), example=torch.cat(out_ex),
         position=torch.cat(out_pos), hits=torch.cat(out_hits) if label_t is not None else None,

@@ -9,8 +9,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvlm.metrics._common import (Batch, FwdHooks, Selection, frame, iter_batches, long_rows, resolve,
-                                     run_forward, select_heads, select_layers, selection_label, user_hooks)
+from mechvlm.interventions._common import OnDevice
+from mechvlm.metrics._common import (Batch, FwdHooks, Selection, frame, long_rows, map_batches, resolve, run_forward,
+                                     select_heads, select_layers, selection_label, user_hooks)
 from mechvlm.metrics.attention_rows import QueryAttention
 
 
@@ -116,6 +117,7 @@ def received_attention(
     fwd_hooks: FwdHooks = None,
     progress: bool = True,
     query_chunk: int | None = None,
+    journal=None,
 ) -> ReceivedAttentionResult:
     """Attention each ``key`` token receives from the ``query`` tokens, and how concentrated it is.
 
@@ -126,8 +128,8 @@ def received_attention(
     pattern). ``keep_received=False`` drops the per-token values (``layer x head x n_key``
     floats per example) for long runs.
 
-    Args: see `attention_share`; ``heads`` selects heads (default all; the head mean is
-    over the selection).
+    Args: see `attention_share` (``journal``, process groups too); ``heads`` selects heads
+    (default all; the head mean is over the selection).
     """
     layer_list = select_layers(model, layers)
     head_list = select_heads(model, heads)
@@ -136,41 +138,50 @@ def received_attention(
     if bad or not thresholds:
         raise ValueError(f"thresholds must be fractions of the mass in (0, 1], got {list(thresholds)}")
     x = torch.linspace(0, 1, n_grid)
-    received, positions, fracs, fracs_mean, curves = [], [], [], [], []
-    head_curve_sum = torch.zeros(len(layer_list), len(head_list), n_grid, dtype=torch.float64)
-    head_curve_n = torch.zeros(len(layer_list), len(head_list), 1, dtype=torch.float64)
+    hsel_on = OnDevice(torch.tensor(head_list, device=model.device))
+
+    def one_batch(batch: Batch) -> dict:
+        roles = model.roles(**batch)
+        qmask = resolve(roles, query)
+        kmask = resolve(roles, key).to(model.device)
+        kpos = OnDevice(kmask.any(0).nonzero().squeeze(-1))  # key positions of any row
+        hooks = user_hooks(fwd_hooks, batch, roles)
+        qa = QueryAttention(model, layer_list, qmask,
+                            lambda l, mass: mass[:, hsel_on.get(mass.device)][:, :, kpos.get(mass.device)],
+                            other_hooks=hooks, query_chunk=query_chunk)
+        run_forward(model, batch, hooks + qa.hooks())
+        mass = torch.stack([qa.results[l].cpu() for l in layer_list], dim=1)  # [b, L, H, kpos]
+        kmask_k, kpos_cpu = kmask[:, kpos.tensor].cpu(), kpos.tensor.cpu()
+        part = {"received": [], "positions": [], "fracs": [], "fracs_mean": [], "curves": [],
+                "head_curve_sum": torch.zeros(len(layer_list), len(head_list), n_grid, dtype=torch.float64),
+                "head_curve_n": torch.zeros(len(layer_list), len(head_list), 1, dtype=torch.float64)}
+        for row in range(mass.shape[0]):
+            r = mass[row][..., kmask_k[row]]  # [L, H, n_key]
+            part["positions"].append(kpos_cpu[kmask_k[row]])
+            if keep_received:
+                part["received"].append(r)
+            if r.shape[-1] == 0:
+                nan = float("nan")
+                part["fracs"].append(torch.full((len(layer_list), len(head_list), len(thresholds)), nan))
+                part["fracs_mean"].append(torch.full((len(layer_list), len(thresholds)), nan))
+                part["curves"].append(torch.full((len(layer_list), n_grid), nan))
+                continue
+            cum, cum_mean = cumulative_mass(r), cumulative_mass(r.mean(1))
+            part["fracs"].append(fraction_for_mass(cum, thresholds))
+            part["fracs_mean"].append(fraction_for_mass(cum_mean, thresholds))
+            part["curves"].append(curve_on_grid(cum_mean, x))
+            head_curve = curve_on_grid(cum, x).double()
+            ok = ~head_curve.isnan().any(-1, keepdim=True)
+            part["head_curve_sum"] += head_curve.nan_to_num() * ok
+            part["head_curve_n"] += ok
+        return part
+
     with torch.no_grad():
-        for batch in iter_batches(batches, progress, "received_attention"):
-            roles = model.roles(**batch)
-            qmask = resolve(roles, query)
-            kmask = resolve(roles, key).to(model.device)
-            kpos = kmask.any(0).nonzero().squeeze(-1)  # key positions of any row
-            hsel = torch.tensor(head_list, device=model.device)
-            hooks = user_hooks(fwd_hooks, batch, roles)
-            qa = QueryAttention(model, layer_list, qmask, lambda l, mass: mass[:, hsel][:, :, kpos],
-                                other_hooks=hooks, query_chunk=query_chunk)
-            run_forward(model, batch, hooks + qa.hooks())
-            mass = torch.stack([qa.results[l] for l in layer_list], dim=1).cpu()  # [b, L, H, kpos]
-            kmask_k, kpos = kmask[:, kpos].cpu(), kpos.cpu()
-            for row in range(mass.shape[0]):
-                r = mass[row][..., kmask_k[row]]  # [L, H, n_key]
-                positions.append(kpos[kmask_k[row]])
-                if keep_received:
-                    received.append(r)
-                if r.shape[-1] == 0:
-                    nan = float("nan")
-                    fracs.append(torch.full((len(layer_list), len(head_list), len(thresholds)), nan))
-                    fracs_mean.append(torch.full((len(layer_list), len(thresholds)), nan))
-                    curves.append(torch.full((len(layer_list), n_grid), nan))
-                    continue
-                cum, cum_mean = cumulative_mass(r), cumulative_mass(r.mean(1))
-                fracs.append(fraction_for_mass(cum, thresholds))
-                fracs_mean.append(fraction_for_mass(cum_mean, thresholds))
-                curves.append(curve_on_grid(cum_mean, x))
-                head_curve = curve_on_grid(cum, x).double()
-                ok = ~head_curve.isnan().any(-1, keepdim=True)
-                head_curve_sum += head_curve.nan_to_num() * ok
-                head_curve_n += ok
+        parts = map_batches(one_batch, batches, progress=progress, desc="received_attention", journal=journal)
+    received, positions, fracs, fracs_mean, curves = ([r for p in parts for r in p[k]] for k in (
+        "received", "positions", "fracs", "fracs_mean", "curves"))
+    head_curve_sum = sum((p["head_curve_sum"] for p in parts), torch.zeros(()))
+    head_curve_n = sum((p["head_curve_n"] for p in parts), torch.zeros(()))
     return ReceivedAttentionResult(
         received=received, positions=positions, frac_tokens=torch.stack(fracs),
         frac_tokens_head_mean=torch.stack(fracs_mean), curve=torch.stack(curves),

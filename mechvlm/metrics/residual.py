@@ -42,6 +42,7 @@ def final_norm(model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_m
     norm = model.ln_final
     x32 = x.float()
     normalized = x32 / (x32.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    w = norm.w.to(x.device)  # a no-op unless ln_final sits on another device
     if norm.offset_weight:  # Gemma3: (1 + w) in fp32
-        return (normalized * (1.0 + norm.w.float())).to(x.dtype)
-    return norm.w * normalized.to(x.dtype)  # Qwen: cast, then w *
+        return (normalized * (1.0 + w.float())).to(x.dtype)
+    return w * normalized.to(x.dtype)  # Qwen: cast, then w *

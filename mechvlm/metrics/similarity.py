@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvlm.metrics._common import (Batch, FwdHooks, Selection, chunk_rows, frame, iter_batches, long_rows,
+from mechvlm.metrics._common import (Batch, FwdHooks, Selection, chunk_rows, frame, map_batches, long_rows,
                                      resolve, run_forward, select_layers, selection_label, user_hooks)
 from mechvlm.metrics.residual import LayerLabel, resid_hooks, resid_points
 
@@ -76,6 +76,7 @@ def visual_text_similarity(
     fwd_hooks: FwdHooks = None,
     progress: bool = True,
     vocab_chunk: int | None = None,
+    journal=None,
 ) -> VisualTextSimilarityResult:
     """Cosine similarity between image-token hidden states and text-token input embeddings.
 
@@ -88,60 +89,67 @@ def visual_text_similarity(
             reference (default the text role; each distinct id once).
         reference: ``"prompt"`` or ``"vocab"`` (all of ``W_E``, ``vocab_chunk`` rows at a
             time; default from the MLP activation size).
-        layers, fwd_hooks, progress: as in `attention_share`.
+        layers, fwd_hooks, progress, journal: as in `attention_share` (process groups too).
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     layer_list = select_layers(model, layers)
     points = resid_points(layer_list, include_embed)
     W_E = model.W_E
+    if W_E.is_meta:
+        raise ValueError("visual_text_similarity reads the embedding inside the blocks' hooks: it cannot run with "
+                         "embed offloaded (device_map 'cpu' / 'disk'); keep embed on a device")
     inv_norm = None
-    maxes, means = [], []
     with torch.no_grad():
         if reference == "vocab":
             step = vocab_chunk or 4096
             inv_norm = torch.cat([1.0 / W_E[s:s + step].float().norm(dim=-1).clamp_min(1e-12)
                                   for s in range(0, W_E.shape[0], step)])
-        for batch in iter_batches(batches, progress, "visual_text_similarity"):
-            roles = model.roles(**batch)
-            imask = resolve(roles, image).to(model.device)
-            b, n = imask.shape
-            row_of = imask.nonzero(as_tuple=True)[0]  # the batch row of each selected state
-            counts = imask.sum(-1)
-            refs = None
+
+    def one_batch(batch: Batch) -> dict:
+        roles = model.roles(**batch)
+        imask = resolve(roles, image).to(model.device)
+        b, n = imask.shape
+        row_of = imask.nonzero(as_tuple=True)[0]  # the batch row of each selected state
+        counts = imask.sum(-1)
+        refs = None
+        if reference == "prompt":
+            tmask = resolve(roles, text).to(model.device)
+            ids = batch["input_ids"].to(model.device)
+            refs = [_unit(W_E[ids[r][tmask[r]].unique()]) for r in range(b)]
+        step = vocab_chunk or chunk_rows(model, b * n, max(1, int(counts.sum())))
+        per_layer: dict[LayerLabel, tuple[Tensor, Tensor]] = {}
+
+        def on_states(label, h: Tensor) -> None:
+            hu = _unit(h.to(W_E.device))  # [m, d], the selected positions only, on the embedding's device
             if reference == "prompt":
-                tmask = resolve(roles, text).to(model.device)
-                ids = batch["input_ids"].to(model.device)
-                refs = [_unit(W_E[ids[r][tmask[r]].unique()]) for r in range(b)]
-            step = vocab_chunk or chunk_rows(model, b * n, max(1, int(counts.sum())))
-            per_layer: dict[LayerLabel, tuple[Tensor, Tensor]] = {}
+                mx = hu.new_full((hu.shape[0],), float("nan"))
+                mn = mx.clone()
+                for r in range(b):
+                    sel = row_of == r
+                    if sel.any() and len(refs[r]):
+                        cos = hu[sel] @ refs[r].T
+                        mx[sel], mn[sel] = cos.max(-1).values, cos.mean(-1)
+            else:
+                mx = hu.new_full((hu.shape[0],), -float("inf"))
+                total = hu.new_zeros(hu.shape[0])
+                for s in range(0, W_E.shape[0], step):
+                    cos = (hu @ W_E[s:s + step].float().T) * inv_norm[s:s + step]
+                    mx = torch.maximum(mx, cos.max(-1).values)
+                    total += cos.sum(-1)
+                mn = total / W_E.shape[0]
+            # average over each example's image tokens
+            per_layer[label] = tuple(
+                torch.zeros(b, device=hu.device).index_add_(0, row_of, v) / counts for v in (mx, mn))
 
-            def on_states(label, h: Tensor) -> None:
-                hu = _unit(h)  # [m, d]
-                if reference == "prompt":
-                    mx = hu.new_full((hu.shape[0],), float("nan"))
-                    mn = mx.clone()
-                    for r in range(b):
-                        sel = row_of == r
-                        if sel.any() and len(refs[r]):
-                            cos = hu[sel] @ refs[r].T
-                            mx[sel], mn[sel] = cos.max(-1).values, cos.mean(-1)
-                else:
-                    mx = hu.new_full((hu.shape[0],), -float("inf"))
-                    total = hu.new_zeros(hu.shape[0])
-                    for s in range(0, W_E.shape[0], step):
-                        cos = (hu @ W_E[s:s + step].float().T) * inv_norm[s:s + step]
-                        mx = torch.maximum(mx, cos.max(-1).values)
-                        total += cos.sum(-1)
-                    mn = total / W_E.shape[0]
-                # average over each example's image tokens
-                per_layer[label] = tuple(
-                    torch.zeros(b, device=h.device).index_add_(0, row_of, v) / counts for v in (mx, mn))
+        hooks = user_hooks(fwd_hooks, batch, roles)
+        run_forward(model, batch, hooks + resid_hooks(points, imask, on_states))
+        return {"max": torch.stack([per_layer[label][0] for label, _ in points], dim=1).cpu(),
+                "mean": torch.stack([per_layer[label][1] for label, _ in points], dim=1).cpu()}
 
-            hooks = user_hooks(fwd_hooks, batch, roles)
-            run_forward(model, batch, hooks + resid_hooks(points, imask, on_states))
-            maxes.append(torch.stack([per_layer[label][0] for label, _ in points], dim=1).cpu())
-            means.append(torch.stack([per_layer[label][1] for label, _ in points], dim=1).cpu())
+    with torch.no_grad():
+        parts = map_batches(one_batch, batches, progress=progress, desc="visual_text_similarity", journal=journal)
+    maxes, means = [p["max"] for p in parts], [p["mean"] for p in parts]
     return VisualTextSimilarityResult(
         max=torch.cat(maxes), mean=torch.cat(means), layers=[label for label, _ in points],
         reference=reference, image=selection_label(image), text=selection_label(text))

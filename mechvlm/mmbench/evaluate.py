@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from mechvlm.distributed import fingerprint_of, map_units
 from mechvlm.generation import greedy_generate
 from mechvlm.mmbench.conditions import CONDITIONS, Condition, resolve_conditions
 from mechvlm.mmbench.extract import DEFAULT_RULES, can_infer, classify_output
@@ -40,29 +41,40 @@ class InputBuilder(Protocol):
 
 def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem], condition: Condition, *,
                        batch_size: int = 8, max_new_tokens: int = 4, progress: bool = True,
-                       rules: str = DEFAULT_RULES, pad_token_id: int | None = None) -> dict:
-    """One condition over ``items``: the scored summary (see `evaluate`)."""
-    from tqdm.auto import tqdm
+                       rules: str = DEFAULT_RULES, pad_token_id: int | None = None, journal=None) -> dict:
+    """One condition over ``items``: the scored summary (see `evaluate`). ``journal``: a
+    `mechvlm.journal.JournalTask` with ``per_row=True`` (one line per item)."""
+    groups = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
 
-    records = []
-    starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=f"MMBench [{condition.name}]", unit="batch", disable=not progress):
-        chunk = items[start:start + batch_size]
+    def run_batch(where: list[int]) -> list[dict]:
+        chunk = [items[i] for i in where]
         batch = builder([mmbench_prompt(it) for it in chunk],
                         [[it.pil_image()] if it.image is not None else [] for it in chunk])
         batch, hooks = condition.setup(model, batch)
         gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=hooks,
                               pad_token_id=pad_token_id)
+        out = []
         for row, it in enumerate(chunk):
             tokens = gen.tokens(row)
             raw = builder.decode(tokens)
             prediction = can_infer(raw, it.options, rules)
-            records.append({
+            out.append({
                 "index": it.index, "group": it.group, "category": it.category,
                 "l2_category": it.l2_category, "answer": it.answer, "prediction": prediction,
                 "kind": classify_output(raw, prediction, it.options), "raw": raw, "tokens": tokens,
                 "stopped": bool(gen.finished[row]),
             })
+        return out
+
+    def fingerprint(where: list[int]) -> str:
+        return fingerprint_of([[items[i].index, mmbench_prompt(items[i])] for i in where])
+
+    records: list[dict | None] = [None] * len(items)
+    parts = map_units(run_batch, groups, fingerprint=fingerprint, journal=journal, progress=progress,
+                      desc=f"MMBench [{condition.name}]")
+    for where, part in zip(groups, parts, strict=True):
+        for i, record in zip(where, part, strict=True):
+            records[i] = record
     summary = {"condition": condition.describe()}
     summary.update(score_records(records))
     summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
@@ -74,7 +86,7 @@ def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem
 def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
              conditions: None | str | Iterable | Mapping = None, *, batch_size: int = 8,
              max_new_tokens: int = 4, progress: bool = True, rules: str = DEFAULT_RULES,
-             pad_token_id: int | None = None) -> dict[str, dict]:
+             pad_token_id: int | None = None, journal=None) -> dict[str, dict]:
     """Evaluate ``items`` under every condition.
 
     Args:
@@ -88,6 +100,13 @@ def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
         progress: tqdm bars (one per condition).
         rules: the VLMEvalKit rule set of `can_infer`.
         pad_token_id: what finished rows continue with (default: the first EOS id).
+        journal: a `mechvlm.journal.Journal`: each condition's items are appended to it as
+            they are scored (task ``"knockout/<condition>"``, one line per item, fsynced per
+            batch) and the batches it already holds are read back instead of recomputed.
+
+    Under an initialised process group (``torchrun``), the batches are shared out over the
+    ranks and every rank returns the whole result (`mechvlm.distributed`), equal to a
+    one-process run's.
 
     Returns:
         ``{condition name: summary}``; a summary holds ``condition`` (its description),
@@ -107,5 +126,6 @@ def evaluate(model, builder: InputBuilder, items: Iterable[MMBenchItem],
         raise ValueError("no MMBench items to evaluate")
     return {name: evaluate_condition(model, builder, items, cond, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens, progress=progress, rules=rules,
-                                     pad_token_id=pad_token_id)
+                                     pad_token_id=pad_token_id,
+                                     journal=journal.task(f"knockout/{name}", per_row=True) if journal else None)
             for name, cond in resolve_conditions(conditions).items()}

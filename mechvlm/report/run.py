@@ -25,6 +25,7 @@ the report wrote.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -37,12 +38,15 @@ from ..mmbench.conditions import CONDITIONS, resolve_conditions
 from ..mmbench.evaluate import evaluate
 from ..mmbench.prompt import mmbench_prompt
 from ..mmbench.tsv import check_item_images, load_mmbench
-from ..outdir import prepare_out_dir, write_manifest
+from ..distributed import is_main
+from ..outdir import write_manifest
+from ..placement import rank_max_memory
 from ..processing import InputBuilder
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import FAMILIES, SHIPPED
 from ..training.registers import apply_registering, registering_of
 from .examples import example_attention
+from .resume import open_report_journal, prepare_report_out
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +58,7 @@ class ReportConfig:
     mmbench: str | None = None  # MMBench TSV (default: the shipped synthetic one)
     limit: int | None = None  # first N rows of the TSV
     device: str = "cpu"
+    device_map: str | None = None  # "auto" (...): each model split over the GPUs (`mechvlm.placement`)
     dtype: str = "float32"
     out: str = "mechvlm-report"
     batch_size: int = 16
@@ -63,6 +68,7 @@ class ReportConfig:
     examples: int = 4  # items drawn as attention-on-image rows (one per category)
     progress: bool = True
     overwrite: bool = False  # replace files in ``out`` that mechvlm did not write
+    resume: bool = False  # continue an interrupted run from ``out``'s journal (`report.resume`)
 
     def check(self) -> None:
         """Refuse out-of-range arguments and missing inputs (naming them) before any work."""
@@ -133,7 +139,11 @@ def model_labels(paths: list[Path]) -> list[str]:
 def load(cfg: ReportConfig, path: Path | None = None) -> tuple[HookedVLM, InputBuilder]:
     cfg.check()
     path = Path(path) if path is not None else cfg.model_dir()
-    model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
+    if cfg.device_map:  # under torchrun, each process splits its model over its share of the node's GPUs
+        model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device_map=cfg.device_map,
+                                          max_memory=rank_max_memory())
+    else:
+        model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
     apply_registering(model)  # a Registering checkpoint runs under the mask it was trained with
     return model, InputBuilder.from_pretrained(path)
@@ -148,9 +158,9 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
 
 
 def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, index: int = 0,
-              n_models: int = 1) -> ModelRun:
+              n_models: int = 1, journal=None) -> ModelRun:
     """Load one checkpoint, compute its part of the report, draw its optional sections and
-    release it."""
+    release it. ``journal``: this model's scope of the run's journal (`report.resume`)."""
     from ..viz import Page
     from .sections import ReportContext
 
@@ -163,15 +173,17 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
 
         sections = [*sections, *resolve_analyses(["registering"])]
     batches = list(metric_batches(builder, items, cfg.batch_size))
-    share = attention_share(model, batches, progress=cfg.progress)
-    received = received_attention(model, batches, keep_received=False, progress=cfg.progress)
+    task = journal.task if journal is not None else (lambda name: None)
+    share = attention_share(model, batches, progress=cfg.progress, journal=task("attention_share"))
+    received = received_attention(model, batches, keep_received=False, progress=cfg.progress,
+                                  journal=task("received_attention"))
     knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                        progress=cfg.progress)
+                        progress=cfg.progress, journal=journal)
     examples = example_attention(model, builder, items, n=cfg.examples)
     ctx = ReportContext(model=model, builder=builder, items=items, batches=batches, out=Path(cfg.out),
                         progress=cfg.progress, batch_size=cfg.batch_size, label=label,
-                        model_index=index, n_models=n_models)
+                        model_index=index, n_models=n_models, journal=journal)
     drawn = []
     for s in sections:
         result = s.compute(ctx)
@@ -199,7 +211,7 @@ def compute_runs(cfg: ReportConfig, *, prepare_out: bool = False):
     sections = resolve_analyses(cfg.analyses)  # unknown names fail before any compute
     resolve_conditions(list(cfg.conditions))  # so do unknown conditions
     cfg.check()
-    out_state = prepare_out_dir(cfg.out, overwrite=cfg.overwrite) if prepare_out else None
+    out_state = prepare_report_out(cfg) if prepare_out else None  # rank 0 checks; its error reaches every rank
     items = load_mmbench(cfg.tsv(), check_images=False)
     if cfg.limit is not None:
         items = items[:cfg.limit]
@@ -208,8 +220,11 @@ def compute_runs(cfg: ReportConfig, *, prepare_out: bool = False):
     check_item_images(items, cfg.tsv())  # a broken image fails now, not after the compute
     paths = cfg.model_dirs()
     labels = model_labels(paths)
-    runs = [run_model(cfg, p, label, items, sections, index=i, n_models=len(paths))
-            for i, (p, label) in enumerate(zip(paths, labels))]
+    # the journal of a writing run; a --resume of another run is refused here, before any model loads
+    with open_report_journal(cfg, labels) if prepare_out else contextlib.nullcontext() as journal:
+        runs = [run_model(cfg, p, label, items, sections, index=i, n_models=len(paths),
+                          journal=journal.scope(f"{label}/") if journal else None)
+                for i, (p, label) in enumerate(zip(paths, labels))]
     info = run_info(cfg, wall_s=round(time.time() - t0, 2), runs=runs)
     return (items, runs, info, out_state) if prepare_out else (items, runs, info)
 
@@ -217,9 +232,11 @@ def compute_runs(cfg: ReportConfig, *, prepare_out: bool = False):
 def run_report(cfg: ReportConfig) -> dict:
     """Compute everything, write ``cfg.out`` (report.html, results.json, CSVs); returns the
     results dict (the JSON's content: see `mechvlm.report.render`)."""
-    from .render import print_summary, write_outputs
+    from .render import print_summary, results_dict, write_outputs
 
     items, runs, info, out_state = compute_runs(cfg, prepare_out=True)
+    if not is_main():  # under torchrun every rank holds the gathered results; rank 0 writes them
+        return results_dict(runs, cfg, items, info)
     results = write_outputs(runs, cfg, items, Path(cfg.out), info)
     write_manifest(cfg.out, out_state, command="mechvlm report")
     print_summary(results, Path(cfg.out))

@@ -39,6 +39,7 @@ def reproduce_command(cfg) -> str:
     for m in ([cfg.model] if cfg.model else []) + list(cfg.models):
         args += ["--model", str(m)]
     for flag, name in (("--mmbench", "mmbench"), ("--limit", "limit"), ("--device", "device"),
+                       ("--device-map", "device_map"),
                        ("--dtype", "dtype"), ("--batch-size", "batch_size"),
                        ("--max-new-tokens", "max_new_tokens"), ("--examples", "examples"),
                        ("--out", "out")):

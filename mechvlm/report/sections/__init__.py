@@ -44,6 +44,11 @@ class ReportContext:
     label: str = ""  # the model's label on the page (its directory name)
     model_index: int = 0
     n_models: int = 1
+    journal: Any = None  # this model's scope of the run's journal (`mechvlm.report.resume`), or None
+
+    def journal_task(self, name: str):
+        """The journal task ``name`` for a section's loop (None without a journal)."""
+        return None if self.journal is None else self.journal.task(name)
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,7 @@ from . import registering as _registering  # noqa: E402,F401
 from . import token_budget as _token_budget  # noqa: E402,F401
 from . import token_categories as _token_categories  # noqa: E402,F401
 from . import token_contribution as _token_contribution  # noqa: E402,F401
+from . import kv_probes as _kv_probes  # noqa: E402,F401
+from . import key_artifacts as _key_artifacts  # noqa: E402,F401
+from . import head_attribution as _head_attribution  # noqa: E402,F401
+from . import causal_tracing as _causal_tracing  # noqa: E402,F401

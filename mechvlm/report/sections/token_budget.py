@@ -12,7 +12,8 @@ FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 def compute(ctx: ReportContext):
     batches = answer_loss_batches(ctx.builder, list(ctx.items), ctx.batch_size)
-    return token_budget(ctx.model, batches, fractions=FRACTIONS, draws=3, mode="removed", progress=ctx.progress)
+    return token_budget(ctx.model, batches, fractions=FRACTIONS, draws=3, mode="removed", progress=ctx.progress,
+                        journal=ctx.journal_task("token_budget"))
 
 
 def render(result, page, ctx: ReportContext) -> None:

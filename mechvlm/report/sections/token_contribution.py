@@ -13,7 +13,7 @@ N_ITEMS = 4  # each item costs (image tokens + 1) / batch_size forwards
 def compute(ctx: ReportContext):
     batches = answer_loss_batches(ctx.builder, list(ctx.items)[:N_ITEMS], ctx.batch_size)
     return token_contribution(ctx.model, batches, unit="token", mode="removed", batch_size=ctx.batch_size,
-                              progress=ctx.progress)
+                              progress=ctx.progress, journal=ctx.journal_task("token_contribution"))
 
 
 def render(result, page, ctx: ReportContext) -> None:
