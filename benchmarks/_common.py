@@ -195,3 +195,12 @@ def kept_sections(path: str | Path) -> str:
             if end in text:
                 out.append(start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n")
     return ("\n\n" + "\n".join(out)) if out else ""
+
+
+def save_result(path: str | Path, result: dict, write: bool = True) -> None:
+    """The results JSON of a benchmark, written atomically (nothing when ``write`` is False);
+    called after each finished part so that a later failure keeps what was measured."""
+    if write:
+        from mechvlm.fileio import write_json
+
+        write_json(path, result)

@@ -24,6 +24,7 @@ from mechvlm.fold_ln import process_weights_
 from mechvlm.forward_args import forward_arguments
 from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
 from mechvlm.image_layout import kept_feature_index
+from mechvlm.kv_cache import VLMKeyValueCache, check_cached_forward, keeps_positions
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     ModelFamily,
@@ -268,6 +269,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     @records_batch  # role-based hooks check that their TokenRoles were built for this batch
+    @keeps_positions
     def forward(
         self,
         input_ids: Int[Tensor, "batch pos"] | Mapping | str | list[str],
@@ -287,6 +289,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         tokens: Tensor | Mapping | None = None,
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
+        past_kv_cache: VLMKeyValueCache | None = None,
     ):
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
 
@@ -317,6 +320,10 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         stand for. The vision features (and ``image_embeds``, ``hook_image_embeds``) stay
         those of the whole images; the kept cells' features are scattered in, with the
         positions of the family's ``prepare_inputs``.
+        ``past_kv_cache``: a `mechvlm.kv_cache.VLMKeyValueCache`. Empty, the forward is a
+        prefill that fills it; else ``input_ids`` are new text tokens after the cached ones
+        (returns their logits only) and ``attention_mask``, if given, covers the new tokens
+        or the whole sequence. See `mechvlm.kv_cache` for what hooks see and what is cached.
         """
         if not isinstance(input_ids, Tensor) or input_ids.is_floating_point() or tokens is not None:
             return self.forward(**forward_arguments(self, {k: v for k, v in locals().items()
@@ -324,18 +331,29 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         check_return_type(return_type)
         if self.hook_tokens.is_observed():
             input_ids = self.hook_tokens(input_ids.clone())
-        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     token_type_ids, image_cells)
+        offset = past_kv_cache.length if past_kv_cache is not None else 0
+        if past_kv_cache is not None:
+            check_cached_forward(return_type, start_at_layer, stop_at_layer, offset)
+        if offset:
+            inputs, new_mask = past_kv_cache.continuation_inputs(
+                self.cfg, input_ids, attention_mask, self.device, pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw, image_embeds=image_embeds, image_cells=image_cells,
+                token_type_ids=token_type_ids)
+        else:
+            inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                         token_type_ids, image_cells)
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if start_at_layer is None:
-            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds, image_cells)
+            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds, image_cells, offset)
         else:
             x = self._check_resid(resid, inputs.input_ids)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
         rope = {kind: tables[id(t)] for kind, t in self._rotary.items()}  # one table per distinct RoPE
-        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids)
+        mask = AttentionMask(x.shape[0], x.shape[1], x.device, inputs.key_padding, inputs.block_ids, offset)
         for l in range(start, stop):
-            x = self.blocks[l](x, rope[self.cfg.layer_types[l]], mask)
+            x = self.blocks[l](x, rope[self.cfg.layer_types[l]], mask, None if past_kv_cache is None else past_kv_cache[l])
+        if past_kv_cache is not None:
+            past_kv_cache.record(inputs, new_mask if offset else attention_mask, prefill=not offset)
         if stop_at_layer is not None:
             return x
         x = self.ln_final(x)
@@ -362,13 +380,15 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                              f"{(*input_ids.shape, self.cfg.d_model)}")
         return resid.to(self.device)
 
-    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds, image_cells=None) -> Tensor:
-        """Token embeddings with the image features scattered in (``hook_embed``'s input)."""
+    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds, image_cells=None,
+               offset: int = 0) -> Tensor:
+        """Token embeddings with the image features scattered in (``hook_embed``'s input);
+        ``offset``: positions already in the KV cache."""
         ids = inputs.input_ids
         n_ctx = self.cfg.n_ctx
-        if n_ctx is not None and ids.shape[1] > n_ctx and not self._warned_n_ctx:
+        if n_ctx is not None and offset + ids.shape[1] > n_ctx and not self._warned_n_ctx:
             self._warned_n_ctx = True
-            warnings.warn(f"the input has {ids.shape[1]} positions, more than the model's "
+            warnings.warn(f"the input has {offset + ids.shape[1]} positions, more than the model's "
                           f"max_position_embeddings = {n_ctx}: results past that length are "
                           "extrapolated (warned once per model)", stacklevel=3)
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
@@ -402,6 +422,23 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
             raise RuntimeError("this HookedVLM has no vision encoder")
         grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
         return self.vision(pixel_values.to(self.device), grid)
+
+    @torch.no_grad()
+    def generate(self, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
+                 eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+                 top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
+                 use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 return_type: str | None = "input", verbose: bool = True, **kwargs):
+        """TransformerLens' ``generate`` (same arguments and defaults: it samples unless
+        ``do_sample=False``) over a KV cache, hooks included; ``input`` may also be a batch
+        mapping with images. See `mechvlm.tl_generate.tl_generate` for every argument
+        (``fwd_hooks``, ``seed``, ``output_logits``, ``attention_mask``, ...)."""
+        from mechvlm.tl_generate import tl_generate
+
+        return tl_generate(self, input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
+                           temperature, freq_penalty, use_past_kv_cache=use_past_kv_cache,
+                           prepend_bos=prepend_bos, padding_side=padding_side, return_type=return_type,
+                           verbose=verbose, **kwargs)
 
     # ------------------------------------------------------------------ hooks / cache --
     def _check_hook_name(self, name: str | Callable) -> None:

@@ -138,6 +138,21 @@ class InputBuilder:
             return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, n
         return {"pixel_values": out["pixel_values"]}, [self.config.mm_tokens_per_image] * len(images)
 
+    def image_token_count(self, image) -> int:
+        """LM tokens of one PIL image, from its size alone (no pixel processing)."""
+        if self.model_type == "qwen2_5_vl":
+            width, height = image.size
+            return self.image_processor.get_number_of_image_patches(height, width) // self.merge ** 2
+        return int(self.config.mm_tokens_per_image)
+
+    def prompt_lengths(self, prompts: list[str], images: list[list[Any]] | None = None) -> list[int]:
+        """Tokens of each prompt's row (no padding), without processing pixels: what
+        `mechvlm.mmbench.evaluate` sorts its batches by."""
+        images = images if images is not None else [[] for _ in prompts]
+        counts = [[self.image_token_count(im) for im in ims] for ims in images]
+        texts = [self.expand_images(self.render(p, len(n)), n) for p, n in zip(prompts, counts)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def encode(self, prompts: list[str], tokens_per_image: list[list[int]],
                prefixes: list[str | None] | None = None) -> dict[str, Tensor]:
         """Token ids (left-padded) for prompts whose images have the given token counts."""

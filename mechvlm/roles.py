@@ -50,6 +50,11 @@ def running_on(input_ids):
         _RUNNING_IDS.reset(token)
 
 
+def running_ids() -> Tensor | None:
+    """The ``input_ids`` of the `HookedVLM` forward in progress (None outside a forward)."""
+    return _RUNNING_IDS.get()
+
+
 def records_batch(forward):
     """Decorator of ``HookedVLM.forward``: its ``input_ids`` (first argument) are the batch
     in progress while it runs."""
@@ -138,6 +143,32 @@ class TokenRoles:
                 "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks, which mechvlm "
                 "rebuilds for every batch and generation step")
 
+    def check_continues(self, batch: int, start: int, stop: int, *, where: str, used_by: str) -> None:
+        """`check_runs_on` for a forward over a KV cache (or a generation step): it runs the
+        absolute positions ``start .. stop-1`` of a sequence whose first positions these roles
+        describe. Raise `RolesBatchMismatch` when the batch size differs, or when the token
+        ids running at positions the roles cover differ from the roles' ids."""
+        mine = tuple(self.shape)
+        if int(batch) != mine[0]:
+            raise RolesBatchMismatch(
+                f"{used_by} was built from TokenRoles of a batch of shape {mine} [batch, pos] but runs at "
+                f"'{where}' on a batch of {int(batch)} rows. Build the roles from the batch that runs "
+                "(model.roles(**batch)), or pass a callable (batch, roles) -> hooks")
+        running = _RUNNING_IDS.get()
+        covered = min(stop, mine[1]) - start
+        if running is None or self.input_ids is None or covered <= 0 or tuple(running.shape) != (mine[0], stop - start):
+            return
+        seen = getattr(self, "_verified_span", None)
+        if seen is not None and seen[0]() is running and seen[1:] == (start, stop):
+            return
+        ids = self.input_ids[:, start:start + covered].to(running.device)
+        if not torch.equal(ids, running[:, :covered].to(ids.dtype)):
+            raise RolesBatchMismatch(
+                f"{used_by}: the token ids running at '{where}' (positions {start}..{stop - 1}) differ from "
+                "those its TokenRoles were computed from. Build the roles from the batch that runs, or pass "
+                "a callable (batch, roles) -> hooks, which mechvlm rebuilds for every generation step")
+        object.__setattr__(self, "_verified_span", (weakref.ref(running), start, stop))
+
     def check_ids(self, input_ids: Tensor, *, used_by: str) -> None:
         """Raise `RolesBatchMismatch` unless ``input_ids`` are the ids of these roles."""
         if tuple(input_ids.shape) != tuple(self.shape):
@@ -173,6 +204,31 @@ class TokenRoles:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         kw = {k: (v.to(device) if isinstance(v, Tensor) and k != "input_ids" else v) for k, v in kw.items()}
         return TokenRoles(**kw)
+
+    def extend(self, n_new: int) -> "TokenRoles":
+        """The roles after ``n_new`` generated tokens are appended to every row.
+
+        Generated tokens are real text after the prompt: ``text`` in a row that holds an
+        image (or an image-start token), ``prefix`` in an image-free row (as `compute_roles`
+        labels the extended ids), never image / EOI / image_start / BOS / pad; ``last`` moves
+        to the final new token. Grid fields are -1 there."""
+        if n_new < 0:
+            raise ValueError(f"n_new must be >= 0, got {n_new}")
+        if n_new == 0:
+            return self
+        b = self.shape[0]
+        dev = self.image.device
+        no = torch.zeros(b, n_new, dtype=torch.bool, device=dev)
+        visual = (self.image | self.image_start).any(-1, keepdim=True).expand(b, n_new)
+        new = {"image": no, "eoi": no, "image_start": no, "bos": no, "pad": no, "real": ~no,
+               "text": visual, "prefix": ~visual}
+        kw = {name: torch.cat([getattr(self, name), new[name]], dim=1) for name in new}
+        kw["last"] = torch.cat([torch.zeros_like(self.last), no], dim=1)
+        kw["last"][:, -1] = True
+        for name in ("image_index", "grid_t", "grid_row", "grid_col"):
+            t = getattr(self, name)
+            kw[name] = torch.cat([t, t.new_full((b, n_new), -1)], dim=1)
+        return TokenRoles(**kw, spans=list(self.spans), input_ids=None)  # the generated ids are not known here
 
     def counts(self) -> dict[str, list[int]]:
         """Tokens per role and row (a quick sanity view)."""

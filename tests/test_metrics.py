@@ -224,7 +224,7 @@ def test_share_sees_post_softmax_knockout(family, request, monkeypatch):
         monkeypatch.setattr(block.attn, "_explicit", lambda *a, _o=orig, _l=l, **k: calls.append(_l) or _o(*a, **k))
     hooks = knockout(fam.model.roles(**batch), "text", "image", layers=knocked, mode="post_softmax_zero")
     res = attention_share(fam.model, batch, keys=("image", "eoi"), fwd_hooks=hooks, progress=False)
-    assert sorted(calls) == knocked  # only the knocked layers materialise their pattern
+    assert calls == []  # no layer materialises its pattern: the knockout's cut is streamed too
     share = res.share[..., 0]
     assert (share[:, knocked] == 0).all() and share[:, 1].min() > 0.05
     roles = fam.roles(batch)

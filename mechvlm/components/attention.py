@@ -5,8 +5,20 @@ Backends:
       the attention scores or pattern: no ``[q, k]`` score matrix is materialised.
     * Explicit ``softmax(q k^T * scale + mask)`` whenever a hook is attached to
       ``hook_attn_scores`` or ``hook_pattern`` (the HF eager computation, op for op).
+    * Post-softmax zeroing in bounded memory when the only hooks at ``hook_pattern`` are
+      `PostSoftmaxCut` edits (the ``post_softmax_zero`` knockout): SDPA over the kept keys,
+      then the rows that lost keys scaled by the mass they kept; no pattern materialised.
+      Any other hook at ``hook_pattern`` (a cache, a user edit) brings back the explicit
+      path, where the cuts run as ordinary hooks in list order.
 
 The choice is made per layer and per forward from the hooks attached at that moment.
+
+KV cache: with a cache entry, a forward holds only the new positions. Every hook fires.
+``hook_q/k/v``, ``hook_rot_q/k``, ``hook_z``, ``hook_result`` see ``[batch, new_pos, ...]``;
+``hook_attn_mask``, ``hook_attn_scores``, ``hook_pattern`` see ``[batch, head, new_pos,
+cached + new_pos]``. The entry stores the keys after ``hook_rot_k`` and the values after
+``hook_v``: an edit there (or at ``hook_k``) is what every later step reads, and the
+cached keys are never re-hooked.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from torch import Tensor, nn
 
 from mechvlm.components.attention_mask import AttentionMask
 from mechvlm.components.rotary import apply_rotary
+from mechvlm.components.post_softmax import PostSoftmaxCut, row_chunk, softmax_rows
 from mechvlm.hook_points import HookPoint
 
 
@@ -94,8 +107,20 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()
         self.hook_result: HookPoint | None = None
 
+    def post_softmax_cuts(self) -> list[PostSoftmaxCut] | None:
+        """The hooks at ``hook_pattern`` when every one is a `PostSoftmaxCut` (forward only):
+        the layer can then run without materialising its pattern. Else None."""
+        point = self.hook_pattern
+        if not point.fwd_hooks or point.bwd_hooks:
+            return None
+        fns = [getattr(h.user_hook, "fn", h.user_hook) for h in point.fwd_hooks]
+        return fns if all(isinstance(f, PostSoftmaxCut) for f in fns) else None
+
     def needs_pattern(self) -> bool:
-        return self.hook_attn_scores.is_observed() or self.hook_pattern.is_observed()
+        """True when this layer must materialise scores and pattern: a hook reads or edits
+        ``hook_attn_scores``, or ``hook_pattern`` holds a hook other than `PostSoftmaxCut`s."""
+        return self.hook_attn_scores.is_observed() or (
+            self.hook_pattern.is_observed() and self.post_softmax_cuts() is None)
 
     def forward(
         self,
@@ -105,7 +130,12 @@ class Attention(nn.Module):
         *,
         qkv_inputs: tuple[Tensor, Tensor, Tensor] | None = None,
         post_norm: nn.Module | None = None,
+        kv_cache=None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``kv_cache``: this layer's `mechvlm.kv_cache.VLMKeyValueCacheEntry` (or None).
+        With it, ``x`` holds only the new positions; their keys (after ``hook_rot_k``) and
+        values (after ``hook_v``) are appended to the entry, and attention runs over every
+        cached key. Without it, the forward is the whole sequence."""
         if qkv_inputs is None:
             b, p, _ = x.shape
             q = self.q_proj(x).view(b, p, self.n_heads, self.d_head)
@@ -129,19 +159,29 @@ class Attention(nn.Module):
         cos, sin = rope
         q = self.hook_rot_q(apply_rotary(q, cos, sin))
         k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        # heads-first [batch, head, pos, d_head] from here on (SDPA's layout, the cache's)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
 
         allowed = None
         if self.hook_attn_mask.is_observed():
             # a copy: the dense mask is shared by all layers, an in-place edit must stay here
             allowed = self.hook_attn_mask(mask.dense(self.window).clone())
-        if self.needs_pattern():
+        explicit = self.needs_pattern()
+        cuts = None if explicit else self.post_softmax_cuts()
+        if explicit:
             if allowed is None:
                 allowed = mask.dense(self.window)
             may_have_empty_rows = mask.key_padding is not None or self.hook_attn_mask.is_observed()
             z = self._explicit(q, k, v, allowed, may_have_empty_rows)
+        elif cuts:
+            z = self._post_softmax_zero(q, k, v, allowed if allowed is not None else mask.dense(self.window), cuts)
+        elif allowed is not None:
+            z = self._sdpa(q, k, v, allowed, is_causal=False)
         else:
-            z = self._sdpa(q, k, v, allowed if allowed is not None else mask.sdpa_mask(self.window))
-        z = self.hook_z(z)
+            z = self._sdpa(q, k, v, *mask.sdpa_args(self.window))
+        z = self.hook_z(z.transpose(1, 2))
         if self.hook_result is not None and self.hook_result.is_observed():
             result = einops.einsum(z, self.W_O, "b p head d_head, head d_head d_model -> b p head d_model")
             if post_norm is not None:
@@ -150,19 +190,16 @@ class Attention(nn.Module):
         out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
         return post_norm(out) if post_norm is not None else out
 
-    def _sdpa(self, q, k, v, allowed: Bool[Tensor, "batch h q k"] | None) -> Tensor:
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.scale,
+    def _sdpa(self, q, k, v, allowed: Bool[Tensor, "batch h q k"] | None, is_causal: bool) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=is_causal, scale=self.scale,
             enable_gqa=k.shape[1] != self.n_heads,
         )
-        return out.transpose(1, 2)
 
     def _explicit(self, q, k, v, allowed: Bool[Tensor, "batch h q k"], zero_empty_rows: bool) -> Tensor:
-        rep = self.n_heads // k.shape[2]
-        q = q.transpose(1, 2)
-        k = repeat_kv(k.transpose(1, 2), rep)
-        v = repeat_kv(v.transpose(1, 2), rep)
+        rep = self.n_heads // k.shape[1]
+        k = repeat_kv(k, rep)
+        v = repeat_kv(v, rep)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)
@@ -170,7 +207,33 @@ class Attention(nn.Module):
         if zero_empty_rows:  # a query with no allowed key gets 0, as SDPA returns it
             pattern = pattern * allowed.any(dim=-1, keepdim=True)
         pattern = self.hook_pattern(pattern)
-        return torch.matmul(pattern, v).transpose(1, 2)
+        return torch.matmul(pattern, v)
+
+    def _post_softmax_zero(self, q, k, v, allowed: Bool[Tensor, "batch h q k"],
+                           cuts: list[PostSoftmaxCut]) -> Tensor:
+        """``softmax(scores) * ~cut @ v`` without the pattern: SDPA over the kept keys gives
+        each row normalised over what it kept; a row that lost keys is then scaled by the
+        attention mass it kept, ``sum_kept softmax(scores)``, computed for those rows only,
+        in chunks (`softmax_rows`)."""
+        n_q, n_k = q.shape[2], k.shape[2]
+        cut = None
+        for c in cuts:
+            part = c.cut(q.shape[0], self.n_heads, n_q, n_k, q.device, self.hook_pattern.name)
+            cut = part if cut is None else cut | part
+        cut = cut & allowed
+        kept = allowed & ~cut
+        z = self._sdpa(q, k, v, kept, is_causal=False)
+        rows = cut.flatten(0, 1).any(-1).any(0).nonzero().squeeze(-1)  # queries that lost keys
+        if not len(rows):
+            return z
+        b = q.shape[0]
+        scale = torch.ones(b, self.n_heads, n_q, dtype=torch.float32, device=q.device)
+        step = row_chunk(b, self.n_heads, n_k)
+        for s in range(0, len(rows), step):
+            idx = rows[s:s + step]
+            probs = softmax_rows(q[:, :, idx], k, allowed[:, :, idx], self.scale)
+            scale[:, :, idx] = (probs * kept[:, :, idx]).sum(-1)
+        return z * scale[..., None].to(z.dtype)
 
     # TransformerLens weight views -------------------------------------------------------
     def _heads_in(self, lin: nn.Linear, n: int) -> Tensor:

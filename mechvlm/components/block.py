@@ -52,9 +52,9 @@ class TransformerBlock(nn.Module):
     def _per_head(self, x: Tensor, n: int) -> Tensor:
         return x.unsqueeze(2).expand(-1, -1, n, -1).clone()
 
-    def _attention(self, resid_pre: Tensor, rope, mask) -> Tensor:
+    def _attention(self, resid_pre: Tensor, rope, mask, kv_cache=None) -> Tensor:
         if self.hook_q_input is None and self.hook_attn_in is None:
-            return self.attn(self.ln1(resid_pre), rope, mask, post_norm=self.ln1_post)
+            return self.attn(self.ln1(resid_pre), rope, mask, post_norm=self.ln1_post, kv_cache=kv_cache)
         n, kv = self.attn.n_heads, self.attn.n_kv_heads
         if self.hook_q_input is not None:
             inputs = (self.hook_q_input(self._per_head(resid_pre, n)),
@@ -64,12 +64,13 @@ class TransformerBlock(nn.Module):
             attn_in = self.hook_attn_in(self._per_head(resid_pre, n))
             inputs = (attn_in, attn_in, attn_in)
         normed = tuple(self.ln1(t) for t in inputs) if inputs[0] is not inputs[1] else (self.ln1(inputs[0]),) * 3
-        return self.attn(None, rope, mask, qkv_inputs=normed, post_norm=self.ln1_post)
+        return self.attn(None, rope, mask, qkv_inputs=normed, post_norm=self.ln1_post, kv_cache=kv_cache)
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], rope: tuple[Tensor, Tensor],
-                mask: AttentionMask) -> Float[Tensor, "batch pos d_model"]:
+                mask: AttentionMask, kv_cache=None) -> Float[Tensor, "batch pos d_model"]:
+        """``kv_cache``: this layer's KV-cache entry (see `Attention.forward`), or None."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self._attention(resid_pre, rope, mask)
+        attn_out = self._attention(resid_pre, rope, mask, kv_cache)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.hook_mlp_in is not None else resid_mid
         mlp_out = self.mlp(self.ln2(mlp_in))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mechvlm.interventions._common import Hooks
+from mechvlm.interventions._common import Hooks, PositionSelection, token_query_range
 from mechvlm.interventions.attention import knockout
 from mechvlm.roles import RoleSpec, TokenRoles
 
@@ -29,6 +29,11 @@ def inject_at_layer(roles: TokenRoles, layer: int, tokens: RoleSpec = "image") -
         * ``blocks.{layer}.hook_resid_pre``: the residual of ``tokens`` is set back to their
           input embeddings; from there on the model runs unchanged.
 
+    Over a KV cache (generation) the hooks act on each step's new positions: ``tokens``
+    given by role name extend to the generated tokens (text, so nothing is injected there,
+    and they do not attend ``tokens`` before ``layer``); a boolean mask needs the callable
+    form ``(batch, roles) -> hooks`` (`mechvlm.generation`).
+
     ``layer=0`` is the model itself (no hooks). The residual of ``tokens`` before ``layer``
     is discarded (their own rows run but nothing reads them).
     """
@@ -37,21 +42,25 @@ def inject_at_layer(roles: TokenRoles, layer: int, tokens: RoleSpec = "image") -
         raise ValueError(f"layer must be >= 0, got {layer}")
     if layer == 0:
         return []
-    sel = roles.mask(tokens)
-    if not bool(sel.any()):
+    used_by = f"inject_at_layer(layer={layer})"
+    sel = PositionSelection(tokens, roles, used_by)
+    if not bool(sel.base.any()):
         raise ValueError(f"the token selection {tokens!r} is empty: nothing to inject")
     saved = {}
 
     def keep_embeddings(x, hook):
-        roles.check_runs_on(x.shape[0], x.shape[1], where=hook.name, used_by=f"inject_at_layer(layer={layer})")
-        saved["embed"] = x.detach().clone()
+        start, stop = token_query_range(x.shape[1])
+        sel.span(start, stop, x.device, batch=x.shape[0], where=hook.name)  # checks the batch / continuation
+        saved["embed"] = (start, x.detach().clone())
         return x
 
     def inject(resid, hook):
         if "embed" not in saved:
             raise RuntimeError("inject_at_layer: hook_embed did not run before the injection layer")
-        return torch.where(sel.to(resid.device)[:, :, None], saved["embed"].to(resid), resid)
+        start, embed = saved["embed"]
+        here = sel.span(start, start + resid.shape[1], resid.device, batch=resid.shape[0], where=hook.name)
+        return torch.where(here[:, :, None], embed.to(resid), resid)
 
     return ([("hook_embed", keep_embeddings)]
-            + knockout(roles, query="real", key=sel, layers=range(layer), mode="pre_softmax_mask")
+            + knockout(roles, query="real", key=tokens, layers=range(layer), mode="pre_softmax_mask")
             + [(f"blocks.{layer}.hook_resid_pre", inject)])

@@ -8,7 +8,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from mechvlm.interventions._common import Hooks, OnDevice, layer_names
+from mechvlm.interventions._common import Hooks, PositionSelection, layer_names
+from mechvlm.interventions.attention import PairCut
 from mechvlm.roles import RoleSpec, TokenRoles
 
 
@@ -23,16 +24,12 @@ def register_mask(
     Gemma3 its bidirectional image blocks): ``text`` queries may not attend ``image``
     keys; ``registers`` (the EOI by default, or the tokens `insert_registers` added) are
     not text and keep their access to the image. Runs as an attention mask through SDPA,
-    so it works in the forward pass and under autograd (training)."""
-    reg = roles.mask(registers)
-    txt = roles.mask(text) & ~reg
-    cut = OnDevice((txt[:, :, None] & roles.mask(image)[:, None, :])[:, None])
-
-    def apply(mask: Tensor, hook) -> Tensor:
-        roles.check_runs_on(mask.shape[0], mask.shape[-1], where=hook.name, used_by="register_mask")
-        return mask & ~cut.get(mask.device)
-
-    return [(name, apply) for name in layer_names(layers, "attn.hook_attn_mask")]
+    so it works in the forward pass and under autograd (training). In generation the
+    generated tokens are text (role names extend to them; a boolean ``registers`` mask from
+    `insert_registers` needs the callable form ``(batch, roles) -> hooks``)."""
+    cut = PairCut(PositionSelection(text, roles, "register_mask"), PositionSelection(image, roles, "register_mask"),
+                  exempt=PositionSelection(registers, roles, "register_mask"))
+    return [(name, cut.mask_out) for name in layer_names(layers, "attn.hook_attn_mask")]
 
 
 def insert_registers(

@@ -12,9 +12,10 @@ How a layer is read (decided per layer before the forward):
   only (the union of ``Q`` over the batch, in chunks), in fp32, and reduces it. The model
   itself keeps running SDPA; no ``[q, k]`` pattern of the layer is materialised.
 * Pattern: when other hooks of the same run (or hooks already attached to the model)
-  touch ``hook_attn_scores`` / ``hook_pattern`` of the layer, e.g. a post-softmax knockout,
-  the model materialises the pattern anyway and the metric reads the real (edited) one at
-  ``hook_pattern``.
+  touch ``hook_attn_scores`` / ``hook_pattern`` of the layer, the model materialises the
+  pattern anyway and the metric reads the real (edited) one at ``hook_pattern``. A
+  post-softmax knockout (a `PostSoftmaxCut` at ``hook_pattern``) does not count: the layer
+  stays pattern-free and the streamed rows get the same zeros.
 
 Metric hooks go AFTER the user's hooks in the hook list, so at a shared hook point they fire
 last and see every edit: a mask edited at ``hook_attn_mask`` (pre-softmax knockout,
@@ -29,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mechvlm.components.post_softmax import PostSoftmaxCut, softmax_rows
 from mechvlm.interventions._common import OnDevice
 from mechvlm.metrics._common import Hooks, chunk_rows, hook_matches
 
@@ -41,31 +43,29 @@ def query_attention_rows(
     allowed: Bool[Tensor, "batch one_or_head query key"],
     scale: float,
 ) -> Float[Tensor, "batch head query key"]:
-    """Post-softmax attention rows of the given queries, in fp32.
+    """Post-softmax attention rows of the given queries, in fp32 (`softmax_rows` for the
+    TransformerLens ``[batch, pos, head, d_head]`` layout of ``hook_rot_q`` / ``hook_rot_k``).
 
     ``softmax(q . k^T * scale)`` with disallowed keys removed; grouped-query attention maps
     query head ``h`` to key head ``h // (n_heads / n_kv_heads)`` (as ``repeat_kv``); a row
     with no allowed key is all zero (as the model's SDPA and explicit paths return it).
     """
-    b, c, h, d = q.shape
-    n, kv = k.shape[1], k.shape[2]
-    rep = h // kv
-    # [b, kv, rep*c, d] @ [b, kv, d, n]: each key head serves its `rep` query heads
-    qf = q.float().reshape(b, c, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * c, d)
-    kf = k.float().permute(0, 2, 3, 1)
-    scores = torch.matmul(qf, kf).reshape(b, h, c, n) * scale
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    rows = torch.softmax(scores, dim=-1)
-    return rows * allowed.any(dim=-1, keepdim=True)
+    return softmax_rows(q.transpose(1, 2), k.transpose(1, 2), allowed, scale)
+
+
+def _materialises(hook: tuple) -> bool:
+    """A hook that makes a layer materialise its pattern (a `PostSoftmaxCut` does not)."""
+    return not isinstance(hook[1], PostSoftmaxCut)
 
 
 def reads_pattern(model, layer: int, hooks: Hooks) -> bool:
     """True when the layer will materialise its pattern in this run: a hook of ``hooks`` (or
-    one already attached to the model) sits at its ``hook_attn_scores`` / ``hook_pattern``."""
+    one already attached to the model) sits at its ``hook_attn_scores`` / ``hook_pattern``,
+    other than the `PostSoftmaxCut` edits a layer applies without a pattern."""
     if model.blocks[layer].attn.needs_pattern():
         return True
     names = [f"blocks.{layer}.{p}" for p in _PATTERN_POINTS]
-    return any(hook_matches(h[0], n) for h in hooks for n in names)
+    return any(hook_matches(h[0], n) and _materialises(h) for h in hooks for n in names)
 
 
 class QueryAttention:
@@ -127,15 +127,22 @@ class QueryAttention:
         return keep
 
     def _mask_hook(self, layer: int):
-        scale = self.model.blocks[layer].attn.scale
+        attn = self.model.blocks[layer].attn
 
         def on_mask(allowed: Tensor, hook) -> None:
             q, k = self._q.pop(layer), self._k.pop(layer)
+            cut = None  # post-softmax knockouts of this layer, applied without a pattern
+            for c in attn.post_softmax_cuts() or ():
+                part = c.cut(allowed.shape[0], attn.n_heads, allowed.shape[2], allowed.shape[3], allowed.device,
+                             attn.hook_pattern.name)
+                cut = part if cut is None else cut | part
             qpos = self._qpos.get(q.device)
             mass = None
             for s in range(0, len(qpos), self.chunk):
                 idx = qpos[s:s + self.chunk]
-                rows = query_attention_rows(q[:, idx], k, allowed[:, :, idx], scale)
+                rows = query_attention_rows(q[:, idx], k, allowed[:, :, idx], attn.scale)
+                if cut is not None:
+                    rows = rows.masked_fill(cut[:, :, idx], 0.0)
                 mass = self._add(mass, rows, s, len(idx))
             self._finish(layer, mass, q.shape[0], allowed.shape[-1], q.device)
 

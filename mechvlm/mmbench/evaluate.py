@@ -2,8 +2,13 @@
 
 `evaluate` builds the seed-000 prompt of every item, lets the input builder turn prompts
 and images into a batch, decodes a few tokens greedily with each condition's hooks
-(`mechvlm.generation.greedy_generate`, no KV cache, so knockouts cover the generated
-tokens), reads the letter with VLMEvalKit's rules and scores the items.
+(`mechvlm.generation.greedy_generate`, over a KV cache; the conditions are callables
+``(batch, roles) -> hooks``, so knockouts cover the generated tokens), reads the letter
+with VLMEvalKit's rules and scores the items.
+
+Items are batched in order of prompt length (``builder.prompt_lengths`` when the builder
+has it, else the prompt's length in characters), so that little of a batch is padding; the
+records keep the items' order.
 
 The input builder is any object with this protocol (`InputBuilder`)::
 
@@ -11,6 +16,7 @@ The input builder is any object with this protocol (`InputBuilder`)::
     builder(prompts: list[str], images: list[list[PIL.Image]]) -> dict   # HookedVLM.forward kwargs,
         # input_ids / attention_mask left-padded, pixel_values, image_grid_thw (Qwen) ...
     builder.decode(ids: list[int]) -> str                                # skips special tokens
+    builder.prompt_lengths(prompts, images) -> list[int]                 # optional: tokens per prompt
 """
 
 from __future__ import annotations
@@ -39,17 +45,32 @@ class InputBuilder(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+def _images(item: MMBenchItem) -> list:
+    return [item.pil_image()] if item.image is not None else []
+
+
+def length_order(builder: InputBuilder, items: Sequence[MMBenchItem]) -> list[int]:
+    """Item indices sorted by prompt length (stable): ``builder.prompt_lengths(prompts,
+    images)`` when the builder has it, else the prompt's length in characters."""
+    prompts = [mmbench_prompt(it) for it in items]
+    if hasattr(builder, "prompt_lengths"):
+        lengths = list(builder.prompt_lengths(prompts, [_images(it) for it in items]))
+    else:
+        lengths = [len(p) for p in prompts]
+    return sorted(range(len(items)), key=lambda i: lengths[i])
+
+
 def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem], condition: Condition, *,
                        batch_size: int = 8, max_new_tokens: int = 4, progress: bool = True,
                        rules: str = DEFAULT_RULES, pad_token_id: int | None = None, journal=None) -> dict:
     """One condition over ``items``: the scored summary (see `evaluate`). ``journal``: a
     `mechvlm.journal.JournalTask` with ``per_row=True`` (one line per item)."""
-    groups = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    order = length_order(builder, items)
+    groups = [order[s:s + batch_size] for s in range(0, len(items), batch_size)]
 
     def run_batch(where: list[int]) -> list[dict]:
         chunk = [items[i] for i in where]
-        batch = builder([mmbench_prompt(it) for it in chunk],
-                        [[it.pil_image()] if it.image is not None else [] for it in chunk])
+        batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
         batch, hooks = condition.setup(model, batch)
         gen = greedy_generate(model, batch, max_new_tokens, builder.eos_token_ids, fwd_hooks=hooks,
                               pad_token_id=pad_token_id)
@@ -78,7 +99,8 @@ def evaluate_condition(model, builder: InputBuilder, items: Sequence[MMBenchItem
     summary = {"condition": condition.describe()}
     summary.update(score_records(records))
     summary["settings"] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "rules": rules,
-                           "extraction": "VLMEvalKit can_infer (exact matching)"}
+                           "extraction": "VLMEvalKit can_infer (exact matching)",
+                           "batching": "by prompt length, KV cache"}
     summary["items"] = records
     return summary
 

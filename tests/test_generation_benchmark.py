@@ -1,0 +1,43 @@
+"""The generation and post-softmax-knockout benchmarks run end to end in ``--quick`` mode (tiny
+models, nothing written): their correctness rows hold (mechvlm's tokens equal HF
+``generate``'s, with and without the knockout; bounded and explicit knockouts agree)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _import(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.slow
+def test_generation_benchmark_quick():
+    result = _import("generation").main(["--quick", "--no-write", "--report-reps", "0", "--batches", "2",
+                                         "--new-tokens", "3"])
+    assert result["cells"] and all(all(c["correct"].values()) for c in result["cells"])
+    assert {"mech", "hf", "mech_ko", "hf_ko", "hf_aa"} <= set(result["cells"][0]["rows"])
+
+
+@pytest.mark.slow
+def test_post_softmax_benchmark_quick(capsys):
+    bench = _import("post_softmax_knockout")
+    result = bench.main(["--quick", "--no-write", "--only", "time"])
+    assert result["max_abs_logits_diff"] <= 1e-5
+    assert set(result["time"]["wall_ms"]) == {"plain", "plain_aa", "pre_softmax_mask", "post_softmax_zero",
+                                               "post_softmax_explicit"}
+    # the memory worker (a subprocess in a real run), in this process
+    bench.memory_worker(json.dumps({"quick": True, "image_tokens": 16, "layers": 2, "dtype": "float32",
+                                    "device": "cpu", "threads": 1, "tools": ["post_softmax_zero"]}))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MEMORY ")]
+    assert len(line) == 1 and json.loads(line[0][7:])["tool"] == "post_softmax_zero"
