@@ -123,3 +123,32 @@ def test_apply_registering_masks_every_forward_and_comes_off(qwen_model):
         set_registering(model, None, Registering())
         model.cfg.registering = None
     assert not torch.equal(plain, masked)
+
+
+def test_installed_mask_covers_kv_cache_generation(qwen_model):
+    """A KV-cache step runs only the new tokens; the installed mask must still be the
+    prompt's (text never reads the image). Reference: `generate` without a cache on the
+    plain model, the mask passed as a per-step hook callable."""
+    from mechvlm.generation import generate
+    from mechvlm.training import Registering, apply_registering
+    from mechvlm.training.registers import set_registering
+
+    model = qwen_model
+    batch = qwen_batch([[3, (1, 4, 4), 5], [2, (1, 4, 6), 3]], seed=5)
+    batch = {k: v for k, v in batch.items() if v is not None}
+    per_step = lambda b, roles: register_mask(roles, registers=["eoi", "register"])  # noqa: E731
+    with torch.no_grad():
+        ref = generate(model, batch, 4, fwd_hooks=per_step, use_past_kv_cache=False, output_logits=True,
+                       stop_at_eos=False)
+        plain = generate(model, batch, 4, use_past_kv_cache=True, output_logits=True, stop_at_eos=False)
+    set_registering(model, None, Registering.parse("eoi"))
+    try:
+        handle = apply_registering(model)
+        with torch.no_grad():
+            cached = generate(model, batch, 4, use_past_kv_cache=True, output_logits=True, stop_at_eos=False)
+        handle.remove()
+    finally:
+        set_registering(model, None, Registering())
+        model.cfg.registering = None
+    assert torch.allclose(torch.as_tensor(cached.logits), torch.as_tensor(ref.logits), atol=1e-4)
+    assert not torch.allclose(torch.as_tensor(plain.logits), torch.as_tensor(ref.logits), atol=1e-2)

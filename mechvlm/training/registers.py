@@ -161,7 +161,8 @@ class RegisteringMask:
     computes the token roles of its batch and the mask's edits for it; permanent hooks on
     every ``attn.hook_attn_mask`` apply them. They fire before any hook added later
     (knockouts), survive ``reset_hooks()`` and cover every `greedy_generate` step; `remove`
-    takes them off."""
+    takes them off. A KV-cache step (only the new tokens) reuses the edits built from the
+    prompt that filled its cache (they extend to the generated tokens, `mechvlm.forward_positions`)."""
 
     def __init__(self, model, registering: Registering):
         import functools
@@ -172,6 +173,7 @@ class RegisteringMask:
         self._hooks_for = mask_hooks(registering)
         self._signature = inspect.signature(model.forward)
         self._edits: list = []
+        self._prefill: tuple | None = None  # (the KV cache a prompt filled, its edits)
         self._handles = [block.attn.hook_attn_mask.add_hook(self._apply, is_permanent=True) for block in model.blocks]
         plain = type(model).forward
 
@@ -182,8 +184,17 @@ class RegisteringMask:
             if not isinstance(ids, Tensor) or ids.is_floating_point() or batch.get("tokens") is not None:
                 return plain(model, *args, **kwargs)  # a mapping / text / resid form: forward reduces it
                 # to the keyword form and calls model.forward (this wrapper) again
-            roles = model.roles(ids, batch.get("image_grid_thw"), batch.get("attention_mask"))
-            self._edits = list(self._hooks_for(batch, roles))
+            cache = batch.get("past_kv_cache")
+            if cache is not None and cache.length > 0:  # a KV-cache step: the prompt's edits, extended
+                if self._prefill is None or self._prefill[0] is not cache:
+                    raise RuntimeError("a Registering model continued a KV cache whose prompt did not run "
+                                       "through this model's forward: run the prompt with that cache first")
+                edits = self._prefill[1]
+            else:
+                roles = model.roles(ids, batch.get("image_grid_thw"), batch.get("attention_mask"))
+                edits = list(self._hooks_for(batch, roles))
+                self._prefill = (cache, edits) if cache is not None else None
+            self._edits = edits
             try:
                 return plain(model, *args, **kwargs)
             finally:
