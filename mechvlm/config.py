@@ -51,6 +51,10 @@ class VLMConfig:
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
         n_ctx: the HF ``max_position_embeddings`` (TransformerLens' name); a longer input
             warns once (None: unknown).
+        registering: a Registering model's setting (seed 000 section 4), from the HF config's
+            ``registering`` entry that `mechvlm.training` writes (variant, registers, mask);
+            None for other models.
+        register_token_id: the id of its inserted register tokens (the ``register`` role).
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
@@ -102,6 +106,8 @@ class VLMConfig:
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
     n_ctx: int | None = None
+    registering: dict | None = None
+    register_token_id: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     use_attn_result: bool = False

@@ -218,6 +218,8 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         device = torch.device(device) if device is not None else hf_model.device
         cfg = family.config_from_hf(hf_model.config, dtype=dtype, device=str(device))
         cfg.tie_word_embeddings = family.ties_embeddings(hf_model)
+        cfg.registering = dict(getattr(hf_model.config, "registering", None) or {}) or None
+        cfg.register_token_id = (cfg.registering or {}).get("register_token_id")
         weights = {k: v.detach().to(device=device, dtype=dtype, copy=copy_weights)
                    for k, v in family.state_dict_from_hf(hf_model).items()}
         if cfg.tie_word_embeddings:

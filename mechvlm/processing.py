@@ -84,6 +84,13 @@ class InputBuilder:
             self.boi = tokenizer.convert_ids_to_tokens(hf_config.boi_token_index)
             self.eoi = tokenizer.convert_ids_to_tokens(hf_config.eoi_token_index)
         self.eos_token_ids = self._eos_ids(hf_config)
+        # a Registering checkpoint (mechvlm.training): n register tokens follow every EOI
+        registering = dict(getattr(hf_config, "registering", None) or {})
+        self.n_registers = int(registering.get("n_registers") or 0)
+        if self.n_registers:
+            eoi_id = hf_config.vision_end_token_id if self.model_type == "qwen2_5_vl" else hf_config.eoi_token_index
+            self.eoi_token = tokenizer.convert_ids_to_tokens(eoi_id)
+            self.register_token = tokenizer.convert_ids_to_tokens(registering["register_token_id"])
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> InputBuilder:
@@ -120,7 +127,9 @@ class InputBuilder:
                                                   add_generation_prompt=True, tokenize=False)
 
     def expand_images(self, text: str, tokens_per_image: list[int]) -> str:
-        """Expand each image placeholder of ``text`` as the family's HF processor does."""
+        """Expand each image placeholder of ``text`` as the family's HF processor does; for a
+        Registering checkpoint with ``n`` registers (its config's ``registering``), ``n``
+        register tokens follow each end-of-image token."""
         if self.model_type == "qwen2_5_vl" or self.model_type in _LLAVA:
             parts = text.split(self.image_token)
             expanded = [self.image_token * n for n in tokens_per_image]
@@ -133,6 +142,8 @@ class InputBuilder:
         out = parts[0]
         for rep, rest in zip(expanded, parts[1:]):
             out += rep + rest
+        if self.n_registers:
+            out = out.replace(self.eoi_token, self.eoi_token + self.register_token * self.n_registers)
         return out
 
     # ------------------------------------------------------------------------- images --

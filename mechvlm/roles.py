@@ -35,7 +35,7 @@ from mechvlm.config import VLMConfig
 from mechvlm.image_layout import ImageSpan, span_cells
 
 ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real", "video",
-              "newline")
+              "newline", "register")
 
 RoleSpec = str | Tensor | Iterable[str | Tensor]
 
@@ -95,11 +95,14 @@ class TokenRoles:
             missing for models without one (LLaVA).
         prefix: real tokens before the first image (all real tokens of an image-free row).
         text: real tokens after the first image that are none of image / eoi /
-            image_start / bos. (Chat-template tokens after the image count as text.)
+            image_start / bos / register. (Chat-template tokens after the image count as text.)
         bos: a BOS token at the first real position.
         pad: padding (``attention_mask == 0``).
         last: the final real position of each row.
         real: every non-padding token.
+        register: the inserted register tokens of a Registering model (``cfg.register_token_id``,
+            seed 000 section 4); all False for other models. The EOI, which is a register
+            too, keeps its own role: registers of the mask are ``["eoi", "register"]``.
 
     Grid (-1 where not an image token): ``image_index`` (the image's index in feature
     order; on video tokens the video's index among the videos), ``grid_t`` (the frame:
@@ -134,6 +137,7 @@ class TokenRoles:
     grid_tile: Int[Tensor, "batch pos"] | None = None
     missing: dict[str, str] = field(default_factory=dict)
     input_ids: Int[Tensor, "batch pos"] | None = field(default=None, repr=False, compare=False)
+    register: Bool[Tensor, "batch pos"] | None = None
 
     def __post_init__(self) -> None:
         for name in ("video", "newline"):
@@ -217,6 +221,8 @@ class TokenRoles:
                 raise ValueError(f"unknown token role {spec!r}; roles are {ROLE_NAMES} or a boolean mask")
             if spec in self.missing:
                 raise MissingRoleError(f"this model has no {spec!r} role: {self.missing[spec]}")
+            if spec == "register" and self.register is None:
+                return torch.zeros_like(self.image)
             return getattr(self, spec)
         if isinstance(spec, Tensor):
             if spec.dtype != torch.bool:
@@ -264,7 +270,7 @@ class TokenRoles:
 
     def counts(self) -> dict[str, list[int]]:
         """Tokens per role and row (a quick sanity view)."""
-        return {r: getattr(self, r).sum(-1).tolist() for r in ROLE_NAMES}
+        return {r: self.mask(r).sum(-1).tolist() for r in ROLE_NAMES}
 
 
 def missing_roles(cfg: VLMConfig) -> dict[str, str]:
@@ -329,7 +335,9 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
     bos = real & (pos == first_real) & (ids == cfg.bos_token_id) if cfg.bos_token_id is not None \
         else torch.zeros_like(image)
     prefix = real & (pos < first)
-    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos
+    register = real & (ids == cfg.register_token_id) if cfg.register_token_id is not None \
+        else torch.zeros_like(image)
+    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos & ~register
     last = pos == torch.where(real, pos, -1).max(-1).values[:, None]
     dev = input_ids.device
     return TokenRoles(
@@ -337,4 +345,5 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
         text=text.to(dev), bos=bos.to(dev), pad=(~real).to(dev), last=last.to(dev), real=real.to(dev),
         video=video.to(dev), newline=newline.to(dev), **{k: v.to(dev) for k, v in grid.items()},
         spans=list(spans), missing=missing_roles(cfg), input_ids=ids.long().clone(),
+        register=register.to(dev),
     )

@@ -102,6 +102,15 @@ class ModelFamily(ABC):
         """The language-model weights under mechvlm names (tensors not copied)."""
 
     @abstractmethod
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        """The inverse of `state_dict_from_hf`: language-model weights under mechvlm names ->
+        the HF model's ``state_dict()`` names (tensors not copied). ``unembed.weight`` may be
+        absent when ``cfg.tie_word_embeddings`` (HF's ``lm_head.weight`` is then the embedding)."""
+
+    #: mechvlm name prefix of the vision encoder's modules -> HF ``state_dict()`` prefix
+    vision_prefixes: dict[str, str] = {}
+
+    @abstractmethod
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         """A module ``(pixel_values, image_grid_thw=None, **kw) -> [n_tokens, d_model]``
         around the HF vision tower (and projector / merger), called with the
@@ -180,6 +189,26 @@ def prenorm_state_dict(lm: nn.Module, lm_head: nn.Module) -> dict[str, Tensor]:
         for name in ("gate_proj", "up_proj", "down_proj"):
             sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
     return sd
+
+
+def prenorm_state_dict_to_hf(weights: dict[str, Tensor], cfg: VLMConfig,
+                             lm: str = "model.language_model.") -> dict[str, Tensor]:
+    """The inverse of `prenorm_state_dict`: mechvlm names -> the HF ``state_dict()`` names
+    under the language model's prefix ``lm`` (tensors not copied); ``lm_head.weight`` is the
+    embedding when ``unembed.weight`` is absent (tied)."""
+    out = {lm + "embed_tokens.weight": weights["embed.W_E"], lm + "norm.weight": weights["ln_final.w"],
+           "lm_head.weight": weights.get("unembed.weight", weights["embed.W_E"])}
+    for l in range(cfg.n_layers):
+        p, q = f"blocks.{l}.", f"{lm}layers.{l}."
+        out[q + "input_layernorm.weight"] = weights[p + "ln1.w"]
+        out[q + "post_attention_layernorm.weight"] = weights[p + "ln2.w"]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for key in ("weight", "bias"):
+                if f"{p}attn.{name}.{key}" in weights:
+                    out[f"{q}self_attn.{name}.{key}"] = weights[f"{p}attn.{name}.{key}"]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{q}mlp.{name}.weight"] = weights[f"{p}mlp.{name}.weight"]
+    return out
 
 
 def real_token_positions(key_padding: Tensor | None, shape: torch.Size) -> Int[Tensor, "batch pos"]:

@@ -170,6 +170,27 @@ class Gemma3Family(ModelFamily):
                 sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
         return sd
 
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        lm = "model.language_model."
+        out = {lm + "embed_tokens.weight": weights["embed.W_E"], lm + "norm.weight": weights["ln_final.w"],
+               "lm_head.weight": weights.get("unembed.weight", weights["embed.W_E"])}
+        norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
+                 "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+        for l in range(cfg.n_layers):
+            p, q = f"blocks.{l}.", f"{lm}layers.{l}."
+            for ours, theirs in norms.items():
+                out[f"{q}{theirs}.weight"] = weights[f"{p}{ours}.w"]
+            out[q + "self_attn.q_norm.weight"] = weights[p + "attn.q_norm.w"]
+            out[q + "self_attn.k_norm.weight"] = weights[p + "attn.k_norm.w"]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{q}self_attn.{name}.weight"] = weights[f"{p}attn.{name}.weight"]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{q}mlp.{name}.weight"] = weights[f"{p}mlp.{name}.weight"]
+        return out
+
+    vision_prefixes = {"vision.vision_tower.": "model.vision_tower.",
+                       "vision.multi_modal_projector.": "model.multi_modal_projector."}
+
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return Gemma3VisionEncoder(hf_model.model.vision_tower, hf_model.model.multi_modal_projector)
 

@@ -35,6 +35,7 @@ from mechvlm.models.base import (
     check_input_ids,
     padding_from_attention_mask,
     prenorm_state_dict,
+    prenorm_state_dict_to_hf,
     real_token_positions,
     register_family,
     reject_unused,
@@ -117,6 +118,13 @@ class LlavaFamily(ModelFamily):
 
     def state_dict_from_hf(self, hf_model: nn.Module) -> dict[str, Tensor]:
         return prenorm_state_dict(hf_model.model.language_model, hf_model.lm_head)
+
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        return prenorm_state_dict_to_hf(weights, cfg)
+
+    vision_prefixes = {"vision.vision_tower.": "model.vision_tower.",
+                       "vision.multi_modal_projector.": "model.multi_modal_projector.",
+                       "vision.image_newline": "model.image_newline"}
 
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return LlavaVisionEncoder(hf_model.model)

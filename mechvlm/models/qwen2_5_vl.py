@@ -32,6 +32,7 @@ from mechvlm.models.base import (
     check_input_ids,
     padding_from_attention_mask,
     prenorm_state_dict,
+    prenorm_state_dict_to_hf,
     register_family,
     reject_unused,
 )
@@ -111,6 +112,11 @@ class Qwen2_5_VLFamily(ModelFamily):
 
     def state_dict_from_hf(self, hf_model: nn.Module) -> dict[str, Tensor]:
         return prenorm_state_dict(hf_model.model.language_model, hf_model.lm_head)
+
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        return prenorm_state_dict_to_hf(weights, cfg)
+
+    vision_prefixes = {"vision.visual.": "model.visual."}
 
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return QwenVisionEncoder(hf_model.model.visual)

@@ -45,6 +45,7 @@ from ..processing import InputBuilder
 from ..roles import missing_roles
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import FAMILIES, SHIPPED
+from ..training.registers import apply_registering, registering_of
 from .examples import example_attention
 from .resume import open_report_journal, prepare_report_out
 
@@ -146,6 +147,7 @@ def load(cfg: ReportConfig, path: Path | None = None) -> tuple[HookedVLM, InputB
     else:
         model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
+    apply_registering(model)  # a Registering checkpoint runs under the mask it was trained with
     return model, InputBuilder.from_pretrained(path)
 
 
@@ -191,6 +193,10 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
     model, builder = load(cfg, path)
     if cfg.progress and n_models > 1:
         print(f"[{index + 1}/{n_models}] {label} ({path})", flush=True)
+    if registering_of(model).active and all(s.name != "registering" for s in sections):
+        from .sections import resolve_analyses  # a Registering checkpoint: its text -> registers share
+
+        sections = [*sections, *resolve_analyses(["registering"])]
     batches = list(metric_batches(builder, items, cfg.batch_size))
     task = journal.task if journal is not None else (lambda name: None)
     conditions, skipped = runnable_conditions(model, cfg.conditions)

@@ -18,6 +18,7 @@ from mechvlm.viz.kv_heads_tracing import fig_causal_trace, fig_head_attribution,
 from mechvlm.viz.labels import html_safe, token_labels
 from mechvlm.viz.layout import layout_problems, text_boxes, text_overlaps
 from mechvlm.viz.table1 import fig_table1, wilson_ci95
+from mechvlm.viz.training import fig_loss_curve, fig_registering_table
 from mechvlm.viz.visual_tokens import fig_category_fractions, fig_contribution, fig_token_budget, fig_token_categories
 
 __all__ = [
@@ -26,7 +27,8 @@ __all__ = [
     "attention_pattern", "circuitsvis_bundle", "collapse", "colored_tokens", "fig_attention_share",
     "fig_category_fractions", "fig_causal_trace", "fig_contribution", "fig_head_attribution", "fig_key_artifacts",
     "fig_knockout", "fig_probe_scores", "fig_token_budget", "fig_token_categories",
-    "grids_on_image", "fig_logit_lens", "fig_logit_lens_on_image", "fig_received_attention",
+    "grids_on_image", "fig_logit_lens", "fig_logit_lens_on_image", "fig_loss_curve", "fig_registering_table",
+    "fig_received_attention",
     "fig_visual_text_similarity", "figure_to_img_html", "knockout_table_html", "normalize_knockout",
     "figure_to_png", "head_thumbnails", "heat_pixels", "html_safe", "image_grids", "image_panels", "image_to_img_html",
     "model_pixel_size", "overlay", "pattern_of", "received_per_position", "resize_to_grid", "token_groups",

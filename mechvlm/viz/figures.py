@@ -30,7 +30,7 @@ __all__ = ["fig_attention_share", "fig_received_attention", "fig_logit_lens", "f
            "fig_visual_text_similarity"]
 
 _ROLE_NAMES = {"image": "image", "eoi": "EOI", "image_start": "BOI", "prefix": "prefix", "text": "text",
-               "bos": "BOS", "last": "last", "real": "all"}
+               "bos": "BOS", "last": "last", "real": "all", "register": "registers", "eoi+register": "registers"}
 
 
 def _panels(results):
