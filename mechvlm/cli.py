@@ -1,5 +1,5 @@
 """Command line: ``mechvlm report`` (the main job), ``demo``, ``hooks``, ``crosscheck``,
-``make-mmbench`` and ``train-toy``.
+``make-mmbench``, ``train-toy`` and ``finetune`` (Registering fine-tuning, `mechvlm.training`).
 
 ``report`` runs seed 000's analyses (attention share, cumulative received attention, the
 knockout table on an MMBench-format TSV) on both shipped toys by default, or on local
@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m mechvlm.toy.train")
     tr.set_defaults(fn=_train_toy)
+    from .training.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
     demo = sub.add_parser("demo", help="parity with HF and a knockout on a small random Qwen2.5-VL")
     demo.add_argument("--layers", type=int, default=4, help="layers of the random model")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights, prompt and pixels")

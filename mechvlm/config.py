@@ -28,7 +28,8 @@ class VLMConfig:
         act_fn: the HF activation name of the gated MLP (``"silu"``, ``"gelu_pytorch_tanh"``).
         attn_scale: the softmax scale applied to ``q @ k.T`` (``d_head ** -0.5`` for Qwen).
         rope_theta: RoPE base (Gemma3: of the full-attention layers).
-        rope_type: HF rope type; ``"default"`` and ``"linear"`` are supported.
+        rope_type: HF rope type; ``"default"``, ``"linear"`` and (Llama) ``"llama3"`` are
+            supported (Llama's scaled frequencies sit in ``extra["rope_inv_freq"]``).
         rope_scaling_factor: the ``factor`` of linear RoPE scaling (1.0 when none).
         rope_local_theta: Gemma3: the RoPE base of the sliding-attention layers (unscaled);
             ``None`` when every layer type uses ``rope_theta``.
@@ -39,14 +40,21 @@ class VLMConfig:
         sliding_window: the window of sliding layers (a key is visible iff
             ``k > q - sliding_window``); ``None`` when no layer slides.
         image_token_id: the placeholder token each image feature replaces.
-        image_start_token_id: ``<|vision_start|>`` (Qwen) / ``<start_of_image>`` (Gemma3).
-        image_end_token_id: the end-of-image (EOI) token: ``<|vision_end|>`` / ``<end_of_image>``.
-        video_token_id: the video placeholder; videos are rejected with an error.
+        image_start_token_id: ``<|vision_start|>`` (Qwen) / ``<start_of_image>`` (Gemma3);
+            None for a model without one (LLaVA).
+        image_end_token_id: the end-of-image (EOI) token: ``<|vision_end|>`` / ``<end_of_image>``;
+            None for a model without one (LLaVA: the ``eoi`` role is then missing).
+        video_token_id: the video placeholder (Qwen2.5-VL ``<|video_pad|>``); None for a model
+            mechvlm takes no video for.
         bos_token_id, eos_token_id, pad_token_id: from the HF config (may be ``None``).
         spatial_merge_size: vision patches merged per side into one LM token (Qwen: 2).
         tie_word_embeddings: whether the unembedding shares the embedding matrix.
         n_ctx: the HF ``max_position_embeddings`` (TransformerLens' name); a longer input
             warns once (None: unknown).
+        registering: a Registering model's setting (seed 000 section 4), from the HF config's
+            ``registering`` entry that `mechvlm.training` writes (variant, registers, mask);
+            None for other models.
+        register_token_id: the id of its inserted register tokens (the ``register`` role).
         dtype, device: of the language-model weights.
         use_attn_result: when True, ``blocks.{l}.attn.hook_result`` exists (opt-in, as in
             TransformerLens: it materialises ``[batch, pos, head, d_model]``).
@@ -58,6 +66,9 @@ class VLMConfig:
         default_prepend_bos, tokenizer_prepends_bos, tokenizer_name: set from the attached
             tokenizer (TransformerLens' meaning).
         ln_folded: True after ``process_weights_(fold_ln=True)``.
+        extra: family-specific settings (Gemma3 ``mm_tokens_per_image``; Qwen2.5-VL
+            ``tokens_per_second``; LLaVA the tower geometry, ``image_grid_pinpoints``,
+            ``image_newline``, ``max_patches``, ``qkv_bias``, ``rope_inv_freq``).
 
     TransformerLens' derived names are properties: ``n_key_value_heads``,
     ``positional_embedding_type`` (``"rotary"``), ``gated_mlp``, ``final_rms``,
@@ -95,6 +106,8 @@ class VLMConfig:
     spatial_merge_size: int = 1
     tie_word_embeddings: bool = False
     n_ctx: int | None = None
+    registering: dict | None = None
+    register_token_id: int | None = None
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     use_attn_result: bool = False

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 
-_ROW_KEYS = ("input_ids", "attention_mask", "target_mask", "token_type_ids")
+_ROW_KEYS = ("input_ids", "attention_mask", "target_mask", "token_type_ids", "batch_num_images")
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_embeds")
 
 
 class VLMBatch(dict):
@@ -58,6 +59,9 @@ class VLMBatch(dict):
         if isinstance(rows, int):
             raise TypeError("index a VLMBatch with a slice or a list (batch[i:i + 1]), not an int")
         keep = torch.arange(ids.shape[0])[rows].reshape(-1).tolist()
+        if any(k in self for k in _VIDEO_KEYS):
+            raise NotImplementedError("selecting rows of a batch with videos is not supported; build the "
+                                      "batch of those rows instead")
         out = {k: v[keep] for k, v in self.items() if k in _ROW_KEYS}
         if "pixel_values" in self or "image_embeds" in self:
             if self.image_token_id is None:
@@ -70,6 +74,12 @@ class VLMBatch(dict):
                 if starts.any() else []
             chosen = [i for r in keep for i in (owner == r).nonzero()[:, 0].tolist()]
             grid = self.get("image_grid_thw")
+            n_images = len(grid) if grid is not None else len(self["pixel_values"]) if "pixel_values" in self else None
+            if n_images is not None and n_images != len(owner):
+                raise ValueError(f"the batch has {len(owner)} runs of image tokens but {n_images} images (images "
+                                 "written back to back, as LLaVA allows?): cannot tell which row owns which image")
+            if "image_sizes" in self:  # LLaVA-NeXT / OneVision: one (height, width) per image
+                out["image_sizes"] = self["image_sizes"][chosen]
             if grid is not None:
                 out["image_grid_thw"] = grid[chosen]
             if "pixel_values" in self:

@@ -232,9 +232,9 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
         cache = past_kv_cache if past_kv_cache is not None else VLMKeyValueCache.init_cache(model.cfg, device, ids.shape[0])
         cache.reserve(prompt_length + max_new_tokens)
         cache.allow_image_token_ids = True  # a generated placeholder id is a text token, as in HF
-    elif fixed.get("pixel_values") is not None and "image_embeds" not in fixed:
-        # the images do not change between steps: encode them once
-        fixed["image_embeds"] = model.encode_images(fixed["pixel_values"], fixed.get("image_grid_thw"))
+    elif "image_embeds" not in fixed and "video_embeds" not in fixed:
+        # the images and videos do not change between steps: encode them once
+        fixed.update(model.visual_embeds(**dict(fixed, input_ids=ids, attention_mask=mask, **per_token)))
     static = list(fwd_hooks) if fwd_hooks is not None and not callable(fwd_hooks) else []
 
     def grab_last(module, args, output):

@@ -27,8 +27,10 @@ from mechvlm.image_layout import kept_feature_index
 from mechvlm.kv_cache import VLMKeyValueCache, check_cached_forward, keeps_positions
 from mechvlm.models import family_for
 from mechvlm.models.base import (
+    VISUAL_INPUTS,
     ModelFamily,
     PreparedInputs,
+    VisualInput,
     check_image_embeds,
     check_input_ids,
     padding_from_attention_mask,
@@ -59,6 +61,10 @@ def _without_module_hooks(module: nn.Module) -> nn.Module:
                 hooks.clear()
         if getattr(m, "_is_full_backward_hook", None) is not None:
             m._is_full_backward_hook = None
+        if getattr(m, "_output_capturing_hooks_installed", False):
+            # HF's own hidden-state capture hooks went too: let HF install them again when
+            # needed (LLaVA selects a tower layer through them), or it captures nothing
+            m._output_capturing_hooks_installed = False
     return module
 
 
@@ -75,6 +81,8 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
             merger/projector, all images of the batch concatenated in feature order.
             The tower is frozen, so this tensor does not require grad; a hook that
             wants gradients with respect to it calls ``t.requires_grad_(True)``.
+        hook_video_embeds: ``[n_video_tokens, d_model]`` the same for the videos
+            (Qwen2.5-VL), scattered into the video placeholder tokens.
         hook_embed: ``[batch, pos, d_model]`` the input sequence embedding with the image
             features scattered in (the input of block 0).
         ln_final.hook_scale / hook_normalized: the final norm.
@@ -91,6 +99,7 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         self.hook_tokens = HookPoint()
         self.embed = Embed(cfg.d_vocab, cfg.d_model, scale=family.embed_scale(cfg))
         self.hook_image_embeds = HookPoint()
+        self.hook_video_embeds = HookPoint()
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList([family.build_block(cfg, l) for l in range(cfg.n_layers)])
         self.ln_final = family.build_final_norm(cfg)
@@ -209,6 +218,8 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         device = torch.device(device) if device is not None else hf_model.device
         cfg = family.config_from_hf(hf_model.config, dtype=dtype, device=str(device))
         cfg.tie_word_embeddings = family.ties_embeddings(hf_model)
+        cfg.registering = dict(getattr(hf_model.config, "registering", None) or {}) or None
+        cfg.register_token_id = (cfg.registering or {}).get("register_token_id")
         weights = {k: v.detach().to(device=device, dtype=dtype, copy=copy_weights)
                    for k, v in family.state_dict_from_hf(hf_model).items()}
         if cfg.tie_word_embeddings:
@@ -248,22 +259,28 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
     def prepare_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                        image_grid_thw: Tensor | None = None,
                        attention_mask: Tensor | None = None,
-                       token_type_ids: Tensor | None = None, image_cells=None) -> PreparedInputs:
-        """Validate the inputs; find image spans, positions, padding and (Gemma3) the
-        bidirectional image blocks."""
+                       token_type_ids: Tensor | None = None, image_cells=None, **visual) -> PreparedInputs:
+        """Validate the inputs; find image (and video) spans, positions, padding and
+        (Gemma3) the bidirectional image blocks. ``visual``: the `VISUAL_INPUTS`
+        (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
+        ``image_sizes``, ``batch_num_images``) of the families that use them;
+        ``image_cells``: see ``forward``."""
         return self.family.prepare_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
                                           attention_mask, self.device, token_type_ids=token_type_ids,
-                                          image_cells=image_cells)
+                                          image_cells=image_cells, **visual)
 
     def roles(self, input_ids: Tensor, image_grid_thw: Tensor | None = None,
-              attention_mask: Tensor | None = None, image_cells=None, **_batch) -> TokenRoles:
-        """Token roles of a batch (image, eoi, image_start, prefix, text, bos, pad, last)
-        and the merged-grid cell of every image token. Takes the same keyword arguments as
-        ``forward`` (``model.roles(**batch)``); pixels are not needed."""
+              attention_mask: Tensor | None = None, image_cells=None, **batch) -> TokenRoles:
+        """Token roles of a batch (image, video, newline, eoi, image_start, prefix, text,
+        bos, pad, last) and the cell of every image token. Takes the same keyword
+        arguments as ``forward`` (``model.roles(**batch)``); pixels are not needed (the
+        grids and ``image_sizes`` are)."""
         check_input_ids(input_ids)
         ids = input_ids.to(self.device)
         key_padding = padding_from_attention_mask(attention_mask, ids, self.device)
-        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, image_cells)
+        visual = {k: batch[k] for k in VISUAL_INPUTS if k not in ("pixel_values_videos", "second_per_grid_ts")
+                  and batch.get(k) is not None}
+        spans = self.family.image_spans(self.cfg, ids, image_grid_thw, key_padding, image_cells, **visual)
         return compute_roles(self.cfg, ids, spans, key_padding)
 
     @records_batch  # role-based hooks check that their TokenRoles were built for this batch
@@ -287,6 +304,12 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         tokens: Tensor | Mapping | None = None,
         prepend_bos: bool | None = None,
         padding_side: Literal["left", "right"] | None = None,
+        pixel_values_videos: Tensor | None = None,
+        video_grid_thw: Int[Tensor, "n_videos 3"] | None = None,
+        second_per_grid_ts: Tensor | list[float] | None = None,
+        image_sizes: Int[Tensor, "n_images 2"] | None = None,
+        batch_num_images: Int[Tensor, " batch"] | None = None,
+        video_embeds: Float[Tensor, "... d_model"] | None = None,
         past_kv_cache: VLMKeyValueCache | None = None,
     ):
         """Run the backbone; returns logits ``[batch, pos, d_vocab]`` (or None).
@@ -312,12 +335,18 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         ``hook_image_embeds`` still sees and may edit it (an edit applies to this forward
         only: the given tensor is never modified). It must be ``[n_image_tokens, d_model]``
         on the model's device (with ``image_cells``: the features of the whole images).
+        Videos (Qwen2.5-VL): ``pixel_values_videos``, ``video_grid_thw`` and optionally
+        ``second_per_grid_ts`` (seconds per temporal patch, default 1), as HF's processor
+        returns them; ``video_embeds`` as ``image_embeds``. LLaVA-NeXT / OneVision:
+        ``image_sizes`` (``[n_images, 2]`` original height, width) and, for OneVision,
+        ``batch_num_images`` (rows with several images use the overview only).
         ``image_cells``: images some of whose tokens were removed from the sequence (see
         `mechvlm.interventions.remove_image_tokens`): per image (feature order), the
         increasing row-major cells of its merged grid that its tokens in ``input_ids``
         stand for. The vision features (and ``image_embeds``, ``hook_image_embeds``) stay
         those of the whole images; the kept cells' features are scattered in, with the
-        positions of the family's ``prepare_inputs``.
+        positions of the family's ``prepare_inputs``. Images only (videos keep every
+        token), and one-grid images only (anyres LLaVA images raise).
         ``past_kv_cache``: a `mechvlm.kv_cache.VLMKeyValueCache`. Empty, the forward is a
         prefill that fills it; else ``input_ids`` are new text tokens after the cached ones
         (returns their logits only) and ``attention_mask``, if given, covers the new tokens
@@ -329,6 +358,9 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         check_return_type(return_type)
         if self.hook_tokens.is_observed():
             input_ids = self.hook_tokens(input_ids.clone())
+        visual = dict(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                      second_per_grid_ts=second_per_grid_ts, image_sizes=image_sizes,
+                      batch_num_images=batch_num_images)
         offset = past_kv_cache.length if past_kv_cache is not None else 0
         if past_kv_cache is not None:
             check_cached_forward(return_type, start_at_layer, stop_at_layer, offset)
@@ -336,13 +368,14 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
             inputs, new_mask = past_kv_cache.continuation_inputs(
                 self.cfg, input_ids, attention_mask, self.device, pixel_values=pixel_values,
                 image_grid_thw=image_grid_thw, image_embeds=image_embeds, image_cells=image_cells,
-                token_type_ids=token_type_ids)
+                video_embeds=video_embeds, token_type_ids=token_type_ids, **visual)
         else:
             inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                         token_type_ids, image_cells)
+                                         token_type_ids, image_cells,
+                                         **{k: v for k, v in visual.items() if v is not None})
         start, stop = self._layer_range(start_at_layer, stop_at_layer)
         if start_at_layer is None:
-            x = self._embed(inputs, pixel_values, image_grid_thw, image_embeds, image_cells, offset)
+            x = self._embed(inputs, {"image": image_embeds, "video": video_embeds}, offset)
         else:
             x = self._check_resid(resid, inputs.input_ids)
         tables = {id(t): t(inputs.position_ids, x.dtype) for t in set(self._rotary.values())}
@@ -378,9 +411,9 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                              f"{(*input_ids.shape, self.cfg.d_model)}")
         return resid.to(self.device)
 
-    def _embed(self, inputs: PreparedInputs, pixel_values, image_grid_thw, image_embeds, image_cells=None,
-               offset: int = 0) -> Tensor:
-        """Token embeddings with the image features scattered in (``hook_embed``'s input);
+    def _embed(self, inputs: PreparedInputs, given: dict[str, Tensor | None], offset: int = 0) -> Tensor:
+        """Token embeddings with the image (and video) features scattered in (``hook_embed``'s
+        input); ``given``: precomputed features per modality (None: run the tower);
         ``offset``: positions already in the KV cache."""
         ids = inputs.input_ids
         n_ctx = self.cfg.n_ctx
@@ -392,34 +425,63 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
         if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
             ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
         x = self.embed(ids)
-        if inputs.spans:
-            if image_embeds is None:
-                feats = self.encode_images(pixel_values, image_grid_thw).to(x.dtype)
-            else:  # the whole images' features, also when image_cells keep only some cells
-                check_image_embeds(image_embeds, sum(s.n_cells for s in inputs.spans), self.cfg.d_model,
-                                   x.device)
-                feats = image_embeds.to(x.dtype)
-                if feats is image_embeds and self.hook_image_embeds.is_observed():
-                    feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
-            feats = self.hook_image_embeds(feats)
-            if image_cells is not None:
-                feats = feats[kept_feature_index(inputs.spans, feats.shape[0]).to(feats.device)]
-            image_mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)
-            if feats.numel() != int(image_mask.sum()) * x.shape[-1]:
-                raise ValueError(f"image features hold {feats.numel() // x.shape[-1]} token vectors but the "
-                                 f"input has {int(image_mask.sum())} image tokens")
-            x = x.masked_scatter(image_mask, feats)
-        elif image_embeds is not None:
-            check_image_embeds(image_embeds, 0, self.cfg.d_model, x.device)  # raises: nothing to fill
+        given = dict(given)
+        for vis in inputs.visual:
+            x = self._scatter(x, inputs, vis, given.pop(vis.modality, None))
+        for modality, embeds in given.items():
+            if embeds is not None:  # raises: nothing to fill
+                check_image_embeds(embeds, 0, self.cfg.d_model, x.device, what=modality)
         return self.hook_embed(x)
 
-    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None) -> Tensor:
-        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
-        image token, in the order the image tokens appear."""
+    def _scatter(self, x: Tensor, inputs: PreparedInputs, vis: VisualInput, given: Tensor | None) -> Tensor:
+        """``x`` with one modality's features (computed unless given) in its placeholders;
+        when ``image_cells`` removed tokens, the hooked whole-image features are then
+        narrowed to the kept cells."""
+        hook = getattr(self, f"hook_{vis.modality}_embeds")
+        if given is None:
+            feats = self._encode(vis.encoder_kwargs).to(x.dtype)
+        else:  # the whole images' features, also when image_cells keep only some cells
+            check_image_embeds(given, vis.n_features, self.cfg.d_model, x.device, what=vis.modality)
+            feats = given.to(x.dtype)
+            if feats is given and hook.is_observed():
+                feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
+        feats = hook(feats)
+        spans = [s for s in inputs.spans if s.modality == vis.modality]
+        if any(s.cells is not None for s in spans):
+            feats = feats[kept_feature_index(spans, feats.shape[0]).to(feats.device)]
+        input_ids = inputs.input_ids
+        mask = (input_ids == vis.token_id).unsqueeze(-1)
+        if feats.numel() != int(mask.sum()) * x.shape[-1]:
+            raise ValueError(f"{vis.modality} features hold {feats.numel() // x.shape[-1]} token vectors but the "
+                             f"input has {int(mask.sum())} {vis.modality} tokens")
+        return x.masked_scatter(mask, feats)
+
+    def _encode(self, encoder_kwargs: dict) -> Tensor:
         if self.vision is None:
             raise RuntimeError("this HookedVLM has no vision encoder")
-        grid = image_grid_thw.to(self.device) if image_grid_thw is not None else None
-        return self.vision(pixel_values.to(self.device), grid)
+        return self.vision(**{k: v.to(self.device) if isinstance(v, Tensor) else v
+                              for k, v in encoder_kwargs.items()})
+
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **visual) -> Tensor:
+        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
+        image token, in the order the image tokens appear. ``visual``: ``image_sizes`` /
+        ``batch_num_images`` for LLaVA-NeXT / OneVision."""
+        kwargs = {"pixel_values": pixel_values, **{k: v for k, v in visual.items() if v is not None}}
+        if image_grid_thw is not None:
+            kwargs["image_grid_thw"] = image_grid_thw
+        return self._encode(kwargs)
+
+    def visual_embeds(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                      image_grid_thw: Tensor | None = None, attention_mask: Tensor | None = None,
+                      **batch) -> dict[str, Tensor]:
+        """The vision features of a batch, ``{"image_embeds": ..., "video_embeds": ...}`` for the
+        modalities present: pass them back to ``forward`` (with the same batch) to skip the
+        vision tower, e.g. at every generation step. With ``image_cells`` the features are
+        still those of the whole images (what ``forward`` takes)."""
+        visual = {k: batch[k] for k in VISUAL_INPUTS if batch.get(k) is not None}
+        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                     batch.get("token_type_ids"), batch.get("image_cells"), **visual)
+        return {f"{vis.modality}_embeds": self._encode(vis.encoder_kwargs) for vis in inputs.visual}
 
     @torch.no_grad()
     def generate(self, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,

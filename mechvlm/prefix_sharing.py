@@ -17,6 +17,8 @@ condition, and they are most of a VLM prompt. `generate_conditions` therefore
 Conditions that cannot say what they touch (``touched`` is None: arbitrary user hooks,
 token removal, edits of the image embeddings), and those touching a position inside the
 prefix, run on their own (`greedy_generate` on the whole prompt): correct by construction.
+So does every condition on a model whose ``forward`` is wrapped (an installed Registering
+mask builds its edits from the prompt a cache was filled with).
 
 Layout. Rows of a left-padded batch end their images at different columns; when one
 common column fits every row (all images before it, no touched position before it), the
@@ -260,7 +262,12 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
         rounding), in the same layout.
     """
     names = list(conditions)
-    if share_prefix and len(names) > 1:
+    if share_prefix and len(names) > 1 and "forward" in vars(model):
+        # an installed wrapper of forward (a Registering model's mask, `apply_registering`) builds
+        # its edits from the prompt a cache was filled with: run each condition on its own
+        plan = PrefixPlan(None, [], {k: "the model's forward is wrapped (e.g. an installed Registering mask)"
+                                     for k in names})
+    elif share_prefix and len(names) > 1:
         roles = model.roles(**batch)
         extra = [k for k, v in batch.items() if k not in PER_TOKEN_INPUTS and isinstance(v, Tensor)
                  and v.ndim >= 2 and tuple(v.shape[:2]) == tuple(roles.shape)]

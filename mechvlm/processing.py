@@ -7,9 +7,16 @@ placeholder the way the family's HF processor does:
 - Qwen2.5-VL: ``<|image_pad|>`` becomes ``t*h*w / merge**2`` copies (from ``image_grid_thw``).
 - Gemma3: ``<start_of_image>`` becomes ``\\n\\n<start_of_image>`` + ``mm_tokens_per_image``
   soft tokens + ``<end_of_image>\\n\\n``.
+- LLaVA-1.5 / NeXT / OneVision: ``<image>`` becomes one ``<image>`` per feature: the
+  tower's grid (LLaVA-1.5) or the anyres layout of the image's original size (overview +
+  cropped tiles + newlines, `mechvlm.models.llava_next.anyres_layout`; OneVision rows with
+  several images: overview + one newline, with ``batch_num_images``), as HF's
+  ``LlavaProcessor`` / ``LlavaNextProcessor`` / ``LlavaOnevisionProcessor`` expand it.
 
-It does not build HF's ``*Processor`` object: ``Qwen2_5_VLProcessor`` cannot be constructed
-without torchvision (its video processor), which torch 2.13 has no wheel for here.
+It does not build HF's ``*Processor`` object: ``Qwen2_5_VLProcessor`` and
+``LlavaOnevisionProcessor`` cannot be constructed without torchvision (their video
+processors), which torch 2.13 has no wheel for here. The image processors are HF's PIL
+backends.
 """
 
 from __future__ import annotations
@@ -22,17 +29,24 @@ import torch
 from torch import Tensor
 
 
+_PIL_PROCESSORS = {"qwen2_5_vl": "Qwen2VLImageProcessorPil", "gemma3": "Gemma3ImageProcessorPil",
+                   "llava": "LlavaImageProcessorPil", "llava_next": "LlavaNextImageProcessorPil",
+                   "llava_onevision": "LlavaOnevisionImageProcessorPil"}
+_LLAVA = ("llava", "llava_next", "llava_onevision")
+#: the token that closes a chat turn (None: the tokenizer's EOS, Vicuna's ``</s>``)
+_END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "gemma3": "<end_of_turn>", "llava": None, "llava_next": None,
+                "llava_onevision": "<|im_end|>"}
+
+
 def _image_processor(path: Path, model_type: str):
     try:
         import torchvision  # noqa: F401
     except ImportError:  # the PIL backends are exact and need no torchvision
-        if model_type == "qwen2_5_vl":
-            from transformers import Qwen2VLImageProcessorPil as cls
-        elif model_type == "gemma3":
-            from transformers import Gemma3ImageProcessorPil as cls
-        else:
+        if model_type not in _PIL_PROCESSORS:
             raise ValueError(f"no image processor known for model_type {model_type!r}") from None
-        return cls.from_pretrained(path)
+        import transformers
+
+        return getattr(transformers, _PIL_PROCESSORS[model_type]).from_pretrained(path)
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(path)
@@ -51,7 +65,7 @@ class InputBuilder:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.model_type = hf_config.model_type
-        if self.model_type not in ("qwen2_5_vl", "gemma3"):
+        if self.model_type not in _PIL_PROCESSORS:
             raise ValueError(f"unsupported model_type {self.model_type!r}")
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; mechvlm renders prompts with it")
@@ -59,11 +73,24 @@ class InputBuilder:
         if self.model_type == "qwen2_5_vl":
             self.image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_id)
             self.merge = hf_config.vision_config.spatial_merge_size
+        elif self.model_type in _LLAVA:
+            from mechvlm.models import family_for
+
+            self.image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_id)
+            self.family = family_for(hf_config)
+            self.layout_cfg = self.family.config_from_hf(hf_config, dtype=torch.float32, device="cpu")
         else:
             self.image_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_index)
             self.boi = tokenizer.convert_ids_to_tokens(hf_config.boi_token_index)
             self.eoi = tokenizer.convert_ids_to_tokens(hf_config.eoi_token_index)
         self.eos_token_ids = self._eos_ids(hf_config)
+        # a Registering checkpoint (mechvlm.training): n register tokens follow every EOI
+        registering = dict(getattr(hf_config, "registering", None) or {})
+        self.n_registers = int(registering.get("n_registers") or 0)
+        if self.n_registers:
+            eoi_id = hf_config.vision_end_token_id if self.model_type == "qwen2_5_vl" else hf_config.eoi_token_index
+            self.eoi_token = tokenizer.convert_ids_to_tokens(eoi_id)
+            self.register_token = tokenizer.convert_ids_to_tokens(registering["register_token_id"])
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> InputBuilder:
@@ -100,8 +127,10 @@ class InputBuilder:
                                                   add_generation_prompt=True, tokenize=False)
 
     def expand_images(self, text: str, tokens_per_image: list[int]) -> str:
-        """Expand each image placeholder of ``text`` as the family's HF processor does."""
-        if self.model_type == "qwen2_5_vl":
+        """Expand each image placeholder of ``text`` as the family's HF processor does; for a
+        Registering checkpoint with ``n`` registers (its config's ``registering``), ``n``
+        register tokens follow each end-of-image token."""
+        if self.model_type == "qwen2_5_vl" or self.model_type in _LLAVA:
             parts = text.split(self.image_token)
             expanded = [self.image_token * n for n in tokens_per_image]
         else:
@@ -113,13 +142,19 @@ class InputBuilder:
         out = parts[0]
         for rep, rest in zip(expanded, parts[1:]):
             out += rep + rest
+        if self.n_registers:
+            out = out.replace(self.eoi_token, self.eoi_token + self.register_token * self.n_registers)
         return out
 
     # ------------------------------------------------------------------------- images --
-    def process_images(self, images: list) -> tuple[dict[str, Tensor], list[int]]:
-        """HF image processing of a flat list of images -> (tensors, tokens per image)."""
+    def process_images(self, images: list, per_prompt: list[int] | None = None) -> tuple[dict[str, Tensor], list[int]]:
+        """HF image processing of a flat list of images -> (tensors, tokens per image).
+        ``per_prompt``: how many of the images each prompt holds (LLaVA-OneVision treats
+        rows with several images differently; default: one prompt)."""
         if not images:
             return {}, []
+        if self.model_type in _LLAVA:
+            return self._llava_images(images, per_prompt or [len(images)])
         out = self.image_processor(images=images, return_tensors="pt")
         if self.model_type == "qwen2_5_vl":
             grid = out["image_grid_thw"]
@@ -127,20 +162,52 @@ class InputBuilder:
             return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}, n
         return {"pixel_values": out["pixel_values"]}, [self.config.mm_tokens_per_image] * len(images)
 
-    def image_token_count(self, image) -> int:
-        """LM tokens of one PIL image, from its size alone (no pixel processing)."""
+    def image_token_count(self, image, images_in_prompt: int = 1) -> int:
+        """LM tokens of one PIL image, from its size alone (no pixel processing);
+        ``images_in_prompt``: how many images its prompt holds (LLaVA-OneVision tiles only
+        the image of a one-image row)."""
+        width, height = image.size
         if self.model_type == "qwen2_5_vl":
-            width, height = image.size
             return self.image_processor.get_number_of_image_patches(height, width) // self.merge ** 2
+        if self.model_type == "llava":
+            return self.family.tile_layout(self.layout_cfg).n_tokens
+        if self.model_type in _LLAVA:
+            from mechvlm.models.llava_next import anyres_layout
+
+            cfg = self.layout_cfg
+            patched = self.family.patched(cfg, images_in_prompt, batch_num_images=torch.tensor([images_in_prompt]))
+            return anyres_layout(cfg, (height, width), patched=patched[0],
+                                 max_patches=cfg.extra.get("max_patches")).n_tokens
         return int(self.config.mm_tokens_per_image)
 
     def prompt_lengths(self, prompts: list[str], images: list[list[Any]] | None = None) -> list[int]:
         """Tokens of each prompt's row (no padding), without processing pixels: what
         `mechvlm.mmbench.evaluate` sorts its batches by."""
         images = images if images is not None else [[] for _ in prompts]
-        counts = [[self.image_token_count(im) for im in ims] for ims in images]
+        counts = [[self.image_token_count(im, len(ims)) for im in ims] for ims in images]
         texts = [self.expand_images(self.render(p, len(n)), n) for p, n in zip(prompts, counts)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _llava_images(self, images: list, per_prompt: list[int]) -> tuple[dict[str, Tensor], list[int]]:
+        from mechvlm.models.llava_next import anyres_layout
+
+        cfg = self.layout_cfg
+        if self.model_type == "llava":
+            out = self.image_processor(images=images, return_tensors="pt")
+            return {"pixel_values": out["pixel_values"]}, [self.family.tile_layout(cfg).n_tokens] * len(images)
+        nested, i = [], 0
+        for n in per_prompt:
+            nested.append(images[i:i + n])
+            i += n
+        out = self.image_processor(images=[g for g in nested if g] if self.model_type == "llava_onevision"
+                                   else images, return_tensors="pt")
+        tensors = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+        if self.model_type == "llava_onevision":
+            tensors["batch_num_images"] = torch.tensor(per_prompt)  # one entry per row, as HF's processor
+        patched = self.family.patched(cfg, len(images), **{k: v for k, v in tensors.items() if k != "pixel_values"})
+        counts = [anyres_layout(cfg, size, patched=p, max_patches=cfg.extra.get("max_patches")).n_tokens
+                  for size, p in zip(out["image_sizes"].tolist(), patched)]
+        return tensors, counts
 
     def encode(self, prompts: list[str], tokens_per_image: list[list[int]],
                prefixes: list[str | None] | None = None) -> dict[str, Tensor]:
@@ -163,7 +230,7 @@ class InputBuilder:
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         flat = [im for ims in images for im in ims]
-        tensors, counts = self.process_images(flat)
+        tensors, counts = self.process_images(flat, [len(ims) for ims in images])
         per_prompt, i = [], 0
         for ims in images:
             per_prompt.append(counts[i:i + len(ims)])
@@ -172,8 +239,9 @@ class InputBuilder:
 
     @property
     def end_of_turn_id(self) -> int:
-        """The token that closes a chat turn (Qwen ``<|im_end|>``, Gemma3 ``<end_of_turn>``)."""
-        token = "<|im_end|>" if self.model_type == "qwen2_5_vl" else "<end_of_turn>"
+        """The token that closes a chat turn (Qwen ``<|im_end|>``, Gemma3 ``<end_of_turn>``,
+        LLaVA-1.5 / NeXT the EOS ``</s>``)."""
+        token = _END_OF_TURN[self.model_type] or self.tokenizer.eos_token
         tid = self.tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {token} token")

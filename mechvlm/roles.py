@@ -5,6 +5,12 @@ for any family: it reads the image spans the family found and the special-token 
 ``model.cfg``. Every function that takes a role also accepts a user boolean mask
 ``[batch, pos]`` (see `TokenRoles.mask`).
 
+A role the model cannot have (LLaVA has no end-of-image or image-start token, only
+Qwen2.5-VL takes videos, only anyres models have newline tokens) is listed in
+`TokenRoles.missing`; asking `TokenRoles.mask` for it raises `MissingRoleError` naming the
+role and why, so an analysis that needs it (a text->EOI knockout, Registering with the
+EOI) fails instead of silently doing nothing. The attribute itself is an all-False mask.
+
 `TokenRoles` remembers the batch it came from (its ``input_ids``). Interventions built from
 it check, at hook time, that they run on that batch (`TokenRoles.check_runs_on`): the
 shapes, and the token ids of the forward in progress (`HookedVLM.forward` records them
@@ -26,9 +32,10 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from mechvlm.config import VLMConfig
-from mechvlm.image_layout import ImageSpan
+from mechvlm.image_layout import ImageSpan, span_cells
 
-ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real")
+ROLE_NAMES = ("image", "eoi", "image_start", "prefix", "text", "bos", "pad", "last", "real", "video",
+              "newline", "register")
 
 RoleSpec = str | Tensor | Iterable[str | Tensor]
 
@@ -66,25 +73,46 @@ def records_batch(forward):
     return wrapper
 
 
+class MissingRoleError(ValueError):
+    """A named role that this model does not have (e.g. ``eoi`` on LLaVA)."""
+
+
 @dataclass
 class TokenRoles:
     """Boolean masks ``[batch, pos]`` per role, plus the image grid of each image token.
 
     Roles:
-        image: image placeholder tokens (Qwen ``<|image_pad|>``, Gemma3 soft tokens).
-        eoi: the end-of-image token right after each run of image tokens.
-        image_start: the token right before each image run (``<|vision_start|>`` / BOI).
+        image: every visual placeholder token, i.e. every position the vision tower fills
+            (Qwen ``<|image_pad|>`` and ``<|video_pad|>``, Gemma3 soft tokens, LLaVA
+            ``<image>`` including the anyres newline tokens). Analyses treat a video as
+            they treat an image; ``video`` / ``newline`` select the subsets.
+        video: the video placeholder tokens (Qwen2.5-VL ``<|video_pad|>``).
+        newline: the anyres newline tokens (LLaVA-NeXT / OneVision: the learned
+            ``image_newline`` vector closing each row of the stitched tiles).
+        eoi: the end-of-image token right after each run of image (or video) tokens;
+            missing for models without one (LLaVA).
+        image_start: the token right before each image run (``<|vision_start|>`` / BOI);
+            missing for models without one (LLaVA).
         prefix: real tokens before the first image (all real tokens of an image-free row).
         text: real tokens after the first image that are none of image / eoi /
-            image_start / bos. (Chat-template tokens after the image count as text.)
+            image_start / bos / register. (Chat-template tokens after the image count as text.)
         bos: a BOS token at the first real position.
         pad: padding (``attention_mask == 0``).
         last: the final real position of each row.
         real: every non-padding token.
+        register: the inserted register tokens of a Registering model (``cfg.register_token_id``,
+            seed 000 section 4); all False for other models. The EOI, which is a register
+            too, keeps its own role: registers of the mask are ``["eoi", "register"]``.
 
     Grid (-1 where not an image token): ``image_index`` (the image's index in feature
-    order), ``grid_t``, ``grid_row``, ``grid_col`` on the merged grid (for an image some of
-    whose tokens were removed, the cells of the tokens that are left).
+    order; on video tokens the video's index among the videos), ``grid_t`` (the frame:
+    temporal patch of a video), ``grid_tile`` (0 for a one-grid image and for the anyres
+    overview, ``k >= 1`` for the k-th anyres tile, row-major, the order of the tiles in
+    ``pixel_values``), ``grid_row``, ``grid_col`` (within the tile; on the merged grid; for
+    an image some of whose tokens were removed, the cells of the tokens that are left).
+    Newline tokens (and a kept CLS token) have an ``image_index`` but no cell (-1).
+
+    ``missing``: role name -> why this model has no such role (see the module doc).
 
     ``input_ids``: the ``[batch, pos]`` ids the roles were computed from (CPU), which
     `check_runs_on` compares with the batch an intervention runs on.
@@ -104,7 +132,19 @@ class TokenRoles:
     grid_row: Int[Tensor, "batch pos"]
     grid_col: Int[Tensor, "batch pos"]
     spans: list[ImageSpan] = field(default_factory=list)
+    video: Bool[Tensor, "batch pos"] | None = None
+    newline: Bool[Tensor, "batch pos"] | None = None
+    grid_tile: Int[Tensor, "batch pos"] | None = None
+    missing: dict[str, str] = field(default_factory=dict)
     input_ids: Int[Tensor, "batch pos"] | None = field(default=None, repr=False, compare=False)
+    register: Bool[Tensor, "batch pos"] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("video", "newline"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros_like(self.image))
+        if self.grid_tile is None:
+            self.grid_tile = torch.where(self.image, 0, -1)
 
     @property
     def shape(self) -> torch.Size:
@@ -179,6 +219,10 @@ class TokenRoles:
         if isinstance(spec, str):
             if spec not in ROLE_NAMES:
                 raise ValueError(f"unknown token role {spec!r}; roles are {ROLE_NAMES} or a boolean mask")
+            if spec in self.missing:
+                raise MissingRoleError(f"this model has no {spec!r} role: {self.missing[spec]}")
+            if spec == "register" and self.register is None:
+                return torch.zeros_like(self.image)
             return getattr(self, spec)
         if isinstance(spec, Tensor):
             if spec.dtype != torch.bool:
@@ -226,28 +270,49 @@ class TokenRoles:
 
     def counts(self) -> dict[str, list[int]]:
         """Tokens per role and row (a quick sanity view)."""
-        return {r: getattr(self, r).sum(-1).tolist() for r in ROLE_NAMES}
+        return {r: self.mask(r).sum(-1).tolist() for r in ROLE_NAMES}
+
+
+def missing_roles(cfg: VLMConfig) -> dict[str, str]:
+    """The roles ``cfg``'s model cannot have, with the reason."""
+    name = cfg.architecture
+    out = {}
+    if cfg.image_end_token_id is None:
+        out["eoi"] = f"{name} has no end-of-image token (no EOI follows its image tokens)"
+    if cfg.image_start_token_id is None:
+        out["image_start"] = f"{name} has no image-start token"
+    if cfg.video_token_id is None:
+        out["video"] = f"mechvlm's {name} takes no video input"
+    if not cfg.extra.get("image_newline"):
+        out["newline"] = f"{name} has no image-newline tokens (only the anyres LLaVA-NeXT / OneVision do)"
+    return out
 
 
 def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
                   key_padding: Tensor | None) -> TokenRoles:
-    """Roles from ``input_ids`` and the validated image spans (see `HookedVLM.roles`)."""
+    """Roles from ``input_ids`` and the validated image / video spans (see `HookedVLM.roles`)."""
     ids = input_ids.cpu()
     b, n = ids.shape
     real = key_padding.cpu() if key_padding is not None else torch.ones(b, n, dtype=torch.bool)
     image = torch.zeros(b, n, dtype=torch.bool)
+    video = torch.zeros_like(image)
+    newline = torch.zeros_like(image)
     eoi = torch.zeros_like(image)
     start = torch.zeros_like(image)
-    grid = {k: torch.full((b, n), -1, dtype=torch.long) for k in ("image_index", "grid_t", "grid_row", "grid_col")}
+    grid = {k: torch.full((b, n), -1, dtype=torch.long)
+            for k in ("image_index", "grid_t", "grid_tile", "grid_row", "grid_col")}
     for s in spans:
         image[s.row, s.start:s.stop] = True
-        t, h, w = s.grid
-        i = torch.tensor(s.cell_ids, dtype=torch.long)  # the grid cell of each token
+        if s.modality == "video":
+            video[s.row, s.start:s.stop] = True
+        cells = span_cells(s)
+        newline[s.row, s.start:s.stop] = cells["newline"]
         grid["image_index"][s.row, s.start:s.stop] = s.image
-        grid["grid_t"][s.row, s.start:s.stop] = i // (h * w)
-        grid["grid_row"][s.row, s.start:s.stop] = (i // w) % h
-        grid["grid_col"][s.row, s.start:s.stop] = i % w
+        for k in ("t", "tile", "row", "col"):
+            grid[f"grid_{k}"][s.row, s.start:s.stop] = cells[k]
     for s in spans:  # run ends: the span is not followed by another image token
+        if cfg.image_end_token_id is None:
+            break
         if s.stop < n and image[s.row, s.stop]:
             continue
         if s.stop >= n or int(ids[s.row, s.stop]) != cfg.image_end_token_id:
@@ -258,6 +323,8 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
             )
         eoi[s.row, s.stop] = True
     for s in spans:  # run starts
+        if cfg.image_start_token_id is None:
+            break
         if s.start > 0 and not image[s.row, s.start - 1] and int(ids[s.row, s.start - 1]) == cfg.image_start_token_id:
             start[s.row, s.start - 1] = True
     pos = torch.arange(n).expand(b, n)
@@ -268,11 +335,15 @@ def compute_roles(cfg: VLMConfig, input_ids: Tensor, spans: list[ImageSpan],
     bos = real & (pos == first_real) & (ids == cfg.bos_token_id) if cfg.bos_token_id is not None \
         else torch.zeros_like(image)
     prefix = real & (pos < first)
-    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos
+    register = real & (ids == cfg.register_token_id) if cfg.register_token_id is not None \
+        else torch.zeros_like(image)
+    text = real & (pos > first) & ~image & ~eoi & ~start & ~bos & ~register
     last = pos == torch.where(real, pos, -1).max(-1).values[:, None]
     dev = input_ids.device
     return TokenRoles(
         image=image.to(dev), eoi=eoi.to(dev), image_start=start.to(dev), prefix=prefix.to(dev),
         text=text.to(dev), bos=bos.to(dev), pad=(~real).to(dev), last=last.to(dev), real=real.to(dev),
-        **{k: v.to(dev) for k, v in grid.items()}, spans=list(spans), input_ids=ids.long().clone(),
+        video=video.to(dev), newline=newline.to(dev), **{k: v.to(dev) for k, v in grid.items()},
+        spans=list(spans), missing=missing_roles(cfg), input_ids=ids.long().clone(),
+        register=register.to(dev),
     )

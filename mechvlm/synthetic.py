@@ -172,3 +172,112 @@ def gemma3_pixel_values(n_images: int, *, image_size: int = 28,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Random pixel values ``[n_images, 3, image_size, image_size]``."""
     return torch.randn(n_images, 3, image_size, image_size, generator=generator)
+
+
+# --- Qwen2.5-VL video ----------------------------------------------------------------------
+def qwen_video_prompt(segments: list, *, ids=QWEN_IDS, vocab: int = 256, generator: torch.Generator | None = None):
+    """As `qwen_prompt`, with ``("video", t, h, w)`` segments too: a video of ``t`` temporal
+    patches on an ``h x w`` patch grid, ``<vision_start> <video_pad> x t*h*w/4 <vision_end>``.
+
+    Returns ``(input_ids [1, pos], image_grid_thw or None, video_grid_thw or None)``."""
+    toks: list[int] = []
+    grids: dict[str, list] = {"image": [], "video": []}
+    for seg in segments:
+        if isinstance(seg, tuple) and seg and seg[0] == "video":
+            t, h, w = seg[1:]
+            toks += [ids["vision_start"]] + [ids["video"]] * (t * h * w // 4) + [ids["vision_end"]]
+            grids["video"].append([t, h, w])
+            continue
+        part, grid = qwen_prompt([seg], ids=ids, vocab=vocab, generator=generator)
+        toks += part[0].tolist()
+        if grid is not None:
+            grids["image"] += grid.tolist()
+    as_tensor = lambda g: torch.tensor(g, dtype=torch.long) if g else None  # noqa: E731
+    return torch.tensor([toks], dtype=torch.long), as_tensor(grids["image"]), as_tensor(grids["video"])
+
+
+# --- LLaVA family -----------------------------------------------------------------------------
+# Token ids of the synthetic LLaVA vocab (llava-1.5: <image> 32000, pad 32001; OneVision:
+# <image> 151646, <video> 151647). All inside the vocab, as in the real checkpoints.
+LLAVA_IDS = dict(pad=0, bos=1, eos=2, image=250, video=251)
+LLAVA_NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+LLAVA_ONEVISION_PINPOINTS = [[28, 56], [56, 28], [56, 56], [56, 84], [84, 56]]
+
+
+def decoder_text_config(kind: str = "llama", *, vocab: int = 256, d_model: int = 64, n_layers: int = 2,
+                        n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 128, ids=LLAVA_IDS,
+                        rope_parameters: dict | None = None, **overrides) -> dict:
+    """A tiny Llama (``kind="llama"``) or Qwen2 text config as a dict (``model_type`` set)."""
+    theta = 1e4 if kind == "llama" else 1e6
+    text = dict(model_type=kind, vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                rms_norm_eps=1e-6, max_position_embeddings=4096, bos_token_id=ids["bos"],
+                eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+                rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": theta})
+    text.update(overrides)
+    return text
+
+
+def vision_tower_config(kind: str = "clip", *, image_size: int = 28, patch_size: int = 7, hidden: int = 32,
+                        depth: int = 2) -> dict:
+    """A tiny CLIP (with CLS) or SigLIP (without) vision tower config as a dict."""
+    out = dict(model_type="clip_vision_model" if kind == "clip" else "siglip_vision_model", hidden_size=hidden,
+               intermediate_size=2 * hidden, num_hidden_layers=depth, num_attention_heads=2,
+               image_size=image_size, patch_size=patch_size)
+    if kind == "clip":
+        out["projection_dim"] = hidden
+    return out
+
+
+def llava_config(family: str = "llava", *, text: str | None = None, tower: str | None = None,
+                 image_size: int = 28, patch_size: int = 7, vision_hidden: int = 32, vision_depth: int = 2,
+                 strategy: str | None = None, feature_layer: int | list[int] | None = None,
+                 pinpoints=None, aspect: str = "anyres_max_4", tie: bool = False, ids=LLAVA_IDS, **text_kw):
+    """A tiny ``llava`` / ``llava_next`` / ``llava_onevision`` config with the real architecture.
+
+    Defaults follow the released checkpoints: LLaVA-1.5 and NeXT a Llama LM, a CLIP tower,
+    ``"default"`` features from layer -2; OneVision a Qwen2 LM, a SigLIP tower, ``"full"``
+    features from layer -1 and ``anyres_max_4`` (the real one is ``anyres_max_9``; 4 makes
+    the tiny canvases downsample). Tiles are ``image_size`` pixels, ``(image_size /
+    patch_size)**2`` tokens.
+    """
+    import transformers
+
+    ov = family == "llava_onevision"
+    text = text or ("qwen2" if ov else "llama")
+    tower = tower or ("siglip" if ov else "clip")
+    kw = dict(text_config=decoder_text_config(text, ids=ids, **text_kw),
+              vision_config=vision_tower_config(tower, image_size=image_size, patch_size=patch_size,
+                                                hidden=vision_hidden, depth=vision_depth),
+              image_token_index=ids["image"], projector_hidden_act="gelu",
+              vision_feature_select_strategy=strategy or ("full" if ov else "default"),
+              vision_feature_layer=feature_layer if feature_layer is not None else (-1 if ov else -2),
+              tie_word_embeddings=tie)
+    if family == "llava":
+        return transformers.LlavaConfig(**kw, image_seq_length=(image_size // patch_size) ** 2)
+    kw["image_grid_pinpoints"] = [list(p) for p in (pinpoints or (LLAVA_ONEVISION_PINPOINTS if ov
+                                                                   else LLAVA_NEXT_PINPOINTS))]
+    if family == "llava_next":
+        return transformers.LlavaNextConfig(**kw)
+    if ov:
+        return transformers.LlavaOnevisionConfig(**kw, vision_aspect_ratio=aspect, video_token_index=ids["video"])
+    raise ValueError(f"unknown LLaVA family {family!r}")
+
+
+def llava_prompt(segments: list, tokens_per_image: list[int], *, ids=LLAVA_IDS, vocab: int = 256,
+                 bos: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids ``[1, pos]``: ``segments`` of ints (random text tokens) and ``"image"``
+    (the next count of ``tokens_per_image`` ``<image>`` placeholders, no separators, as
+    LLaVA's processor expands them). A BOS is prepended when ``bos``."""
+    toks: list[int] = [ids["bos"]] if bos else []
+    special = set(ids.values())
+    pool = torch.tensor([i for i in range(3, min(vocab, 250)) if i not in special])
+    counts = iter(tokens_per_image)
+    for seg in segments:
+        if isinstance(seg, int):
+            toks += pool[torch.randint(len(pool), (seg,), generator=generator)].tolist()
+        elif seg == "image":
+            toks += [ids["image"]] * next(counts)
+        else:
+            raise ValueError(f"a segment is an int or 'image', got {seg!r}")
+    return torch.tensor([toks], dtype=torch.long)

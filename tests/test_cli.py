@@ -20,7 +20,7 @@ def test_hooks_on_local_directory(tmp_path, capsys):
     assert main(["hooks", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.attn.hook_pattern               (1, 4, 8, 8)" in out
-    assert "49 hook points in all" in out  # + hook_tokens, unembed.hook_in/hook_out
+    assert "50 hook points in all" in out  # + hook_tokens, unembed.hook_in/hook_out, hook_video_embeds
 
 
 def _parsers(monkeypatch):

@@ -54,7 +54,7 @@ def test_other_bad_inputs(qwen_model, image_batch):
         qwen_model(image_batch["input_ids"].float())
     with pytest.raises(ValueError, match="attention_mask has shape"):
         qwen_model(**{**image_batch, "attention_mask": torch.ones(1, 3)})
-    with pytest.raises(NotImplementedError, match="video"):
+    with pytest.raises(ValueError, match="1 video tokens .* but video_grid_thw is None"):
         qwen_model(torch.tensor([[5, QWEN_IDS["video"], 6]]))
     with pytest.raises(ValueError, match="without image_grid_thw"):
         qwen_model(torch.tensor([[5, 6]]), pixel_values=image_batch["pixel_values"])

@@ -17,9 +17,20 @@ def result_model(qwen_hf):
     return model
 
 
-def test_every_hook_fires(result_model, image_batch):
+@pytest.fixture
+def visual_batch():
+    """An image and a video in one prompt, so that hook_image_embeds and hook_video_embeds fire."""
+    from mechvlm.synthetic import qwen_pixel_values, qwen_video_prompt
+
+    g = torch.Generator().manual_seed(1)
+    ids, igrid, vgrid = qwen_video_prompt([4, (1, 4, 6), 3, ("video", 2, 4, 4), 3], generator=g)
+    return dict(input_ids=ids, pixel_values=qwen_pixel_values(igrid, generator=g), image_grid_thw=igrid,
+                pixel_values_videos=qwen_pixel_values(vgrid, generator=g), video_grid_thw=vgrid)
+
+
+def test_every_hook_fires(result_model, visual_batch):
     with torch.no_grad():
-        _, cache = result_model.run_with_cache(**image_batch)
+        _, cache = result_model.run_with_cache(**visual_batch)
     assert set(cache.keys()) == set(result_model.hook_dict)
     n = result_model.cfg.n_layers
     per_layer = {k.split(".", 2)[2] for k in result_model.hook_dict if k.startswith("blocks.0.")}
@@ -30,7 +41,8 @@ def test_every_hook_fires(result_model, image_batch):
                  "mlp.hook_pre", "mlp.hook_post"]:
         assert name in per_layer
         assert all(f"blocks.{l}.{name}" in cache.keys() for l in range(n))
-    for name in ["hook_embed", "hook_image_embeds", "ln_final.hook_normalized", "ln_final.hook_scale"]:
+    for name in ["hook_embed", "hook_image_embeds", "hook_video_embeds", "ln_final.hook_normalized",
+                 "ln_final.hook_scale"]:
         assert name in cache.keys()
 
 
@@ -78,15 +90,16 @@ def _perturb(t: torch.Tensor, hook) -> torch.Tensor:
     return t * 1.5 + 0.1
 
 
-def test_every_hook_edit_changes_logits(result_model, image_batch):
+def test_every_hook_edit_changes_logits(result_model, visual_batch):
     with torch.no_grad():
-        clean = result_model(**image_batch)
+        visual_batch = {**visual_batch, **result_model.visual_embeds(**visual_batch)}  # the towers run once
+        clean = result_model(**visual_batch)
         for name in result_model.hook_dict:
-            edited = result_model.run_with_hooks(**image_batch, fwd_hooks=[(name, _perturb)])
+            edited = result_model.run_with_hooks(**visual_batch, fwd_hooks=[(name, _perturb)])
             assert (edited - clean).abs().max() > 1e-4, f"editing {name} had no effect"
 
 
-def test_every_in_place_edit_takes_effect(result_model, image_batch):
+def test_every_in_place_edit_takes_effect(result_model, visual_batch):
     def scale_in_place(t, hook):
         if t.dtype == torch.bool:
             t[..., -1, 0] = False
@@ -96,9 +109,10 @@ def test_every_in_place_edit_takes_effect(result_model, image_batch):
             t.mul_(1.5).add_(0.1)
 
     with torch.no_grad():
-        clean = result_model(**image_batch)
+        visual_batch = {**visual_batch, **result_model.visual_embeds(**visual_batch)}  # the towers run once
+        clean = result_model(**visual_batch)
         for name in result_model.hook_dict:
-            edited = result_model.run_with_hooks(**image_batch, fwd_hooks=[(name, scale_in_place)])
+            edited = result_model.run_with_hooks(**visual_batch, fwd_hooks=[(name, scale_in_place)])
             assert (edited - clean).abs().max() > 1e-4, f"an in-place edit of {name} had no effect"
 
 

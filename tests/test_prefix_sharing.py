@@ -142,6 +142,26 @@ def test_qwen_text_between_images_falls_back(qwen_model):
     assert plan.shared == [] and "before the end of an image (row 0)" in plan.fallback["text→image:pre_softmax_mask"]
 
 
+def test_registering_model_runs_each_condition_on_its_own(qwen_model):
+    """An installed Registering mask builds its edits from the prompt a KV cache was filled
+    with: a shared prefix (then a fork) would escape it, so every condition runs on its own."""
+    from mechvlm.training import Registering, apply_registering
+    from mechvlm.training.registers import set_registering
+
+    batch = _present(qwen_batch(QWEN_ROWS[:2], seed=6))
+    set_registering(qwen_model, None, Registering.parse("eoi"))
+    try:
+        handle = apply_registering(qwen_model)
+        ref = _one_by_one(qwen_model, batch, CONDITIONS)
+        gens, plan, _ = _run(qwen_model, batch, CONDITIONS)
+        handle.remove()
+    finally:
+        set_registering(qwen_model, None, Registering())
+        qwen_model.cfg.registering = None
+    _assert_same(gens, ref)
+    assert plan.shared == [] and "wrapped" in plan.fallback["none"]
+
+
 def test_knockout_reach_matches_brute_force(qwen_model):
     """Before a row's first reached query, the residual stream is bit-for-bit what it is
     without the knockout; at that query it differs."""

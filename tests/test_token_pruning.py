@@ -45,6 +45,14 @@ def _shorter_rows(ids, real, drop, pad_id):
     return new_ids, new_mask, cols
 
 
+def _shorter_positions(full_pos, new_ids, cols):
+    """By hand: HF's mRoPE positions ``[3, batch, pos]`` of the kept columns, left-padded again."""
+    pos = torch.zeros(3, *new_ids.shape, dtype=torch.long)
+    for r, c in enumerate(cols):
+        pos[:, r, new_ids.shape[1] - len(c):] = full_pos[:, r, c]
+    return pos
+
+
 def test_removed_qwen_equals_hf_on_shorter_input(qwen_hf, qwen_model, batch):
     ids, real = batch["input_ids"], real_tokens(batch)
     drop = _random_drop(ids, QWEN_IDS["image"], seed=3)
@@ -57,9 +65,7 @@ def test_removed_qwen_equals_hf_on_shorter_input(qwen_hf, qwen_model, batch):
     full_pos, _ = qwen_hf.model.get_rope_index(ids, kw["mm_token_type_ids"], batch["image_grid_thw"],
                                               attention_mask=batch["attention_mask"])
     new_ids, new_mask, cols = _shorter_rows(ids, real, drop, QWEN_IDS["pad"])
-    pos = torch.zeros(3, *new_ids.shape, dtype=torch.long)
-    for r, c in enumerate(cols):
-        pos[:, r, new_ids.shape[1] - len(c):] = full_pos[:, r, c]
+    pos = _shorter_positions(full_pos, new_ids, cols)
     with torch.no_grad():
         feats = torch.cat(qwen_hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
                           .pooler_output)

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from conftest import qwen_batch  # noqa: E402  (at import: later, 'conftest' is tests/tl_compat's)
 from mechvlm.mmbench.conditions import CONDITIONS  # noqa: E402
 from mechvlm.viz import knockout as K  # noqa: E402
 from mechvlm.viz.layout import layout_problems, legend_overlaps, text_boxes, text_overlaps  # noqa: E402
@@ -108,8 +109,6 @@ def test_fig_knockout_labels_and_legend_stay_clear():
 
 
 def test_attention_share_two_readings_side_by_side(qwen_model):
-    from conftest import qwen_batch
-
     from mechvlm import metrics
     from mechvlm.viz import fig_attention_share
 

@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechvlm.analyses.forward_rows import image_embeds, last_positions, logits_at, repeat_batch
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.interventions import replace_where
 from mechvlm.metrics._common import Batch, iter_batches, resolve
 
@@ -52,7 +53,9 @@ class Site:
 
 
 def default_groups(roles) -> dict[str, Bool[Tensor, "batch pos"]]:
-    """Image rows (per image slot), EOI, text (all but the last token) and the last token."""
+    """Image rows (per image slot), EOI (unless the model has none: LLaVA), text (all but
+    the last token) and the last token."""
+    check_one_grid_images(roles.spans, "causal_trace's default groups (image rows)")
     out: dict[str, Tensor] = {}
     slot_of: dict[int, int] = {}
     for s in roles.spans:
@@ -61,7 +64,8 @@ def default_groups(roles) -> dict[str, Bool[Tensor, "batch pos"]]:
             name = f"image row {r}" if slot == 0 else f"image{slot} row {r}"
             sel = out.setdefault(name, torch.zeros_like(roles.image))
             sel[s.row, s.start:s.stop] |= (roles.grid_row[s.row, s.start:s.stop] == r)
-    out["eoi"] = roles.eoi
+    if "eoi" not in roles.missing:  # no empty group that would trace to a plausible 0
+        out["eoi"] = roles.eoi
     out["text"] = roles.text & ~roles.last
     out["last"] = roles.last
     return out

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, loss_batch_list, loss_without, repeat_rows
 from mechvlm.distributed import map_units
-from mechvlm.image_layout import ImageSpan
+from mechvlm.image_layout import ImageSpan, check_one_grid_images
 from mechvlm.metrics._common import frame
 
 UNITS = ("token", "row", "block")
@@ -133,6 +133,7 @@ def token_contribution(
 
     def layout(batch):
         roles = model.roles(**batch)
+        check_one_grid_images(roles.spans, "token_contribution")
         spans = sorted(roles.spans, key=lambda s: (s.row, s.start))
         units = {s.image: image_units(s, unit, block) for s in spans}
         # variants: (row, span or None, unit index); the full input of each row first

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.metrics._common import Batch, FwdHooks, iter_batches, run_forward, select_layers, user_hooks
 
 #: what `image_kv` can record: post-RoPE keys, values, pre-RoPE keys (``hook_rot_k``,
@@ -151,6 +152,7 @@ def image_kv_batches(model, batches: Batch | Iterable[Batch], layers: Iterable[i
                 n_seen += rows
                 continue
             roles = model.roles(**batch)
+            check_one_grid_images(roles.spans, "image_kv")
             image = roles.image.to(model.device)
             got: dict[str, Tensor] = {}
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from mechvlm.analyses.forward_rows import last_positions, logits_at
 from mechvlm.analyses.image_kv import ImageKV
 from mechvlm.analyses.kv_baseline import image_kv_means, place_baseline
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.interventions import replace_where
 from mechvlm.metrics._common import Batch
 
@@ -80,6 +81,7 @@ def key_artifacts(kv: ImageKV, *, threshold: float = 0.9, kind: str = "key",
 def _selection(model, batch, cells: Bool[Tensor, "layer h w kv"], layers: list[int]) -> dict[int, Tensor]:
     """Per layer ``[batch, pos, kv, 1]``: the image positions whose (cell, head) is chosen."""
     roles = model.roles(**batch)
+    check_one_grid_images(roles.spans, "replace_artifact_keys")
     h, w = cells.shape[1:3]
     cell = (roles.grid_row * w + roles.grid_col).clamp_min(0)
     out = {}

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mechvlm.analyses.image_kv import image_kv_batches
 from mechvlm.components.rotary import apply_rotary
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.metrics._common import Batch
 
 
@@ -79,6 +80,7 @@ def place_baseline(model, baseline: ImageKVBaseline, batch: Batch, *, rotate: bo
     """The means on the image positions of ``batch`` (zeros elsewhere): ``(keys, values)``
     per layer; keys rotated by RoPE at those positions when ``rotate``."""
     roles = model.roles(**batch)
+    check_one_grid_images(roles.spans, "place_baseline")
     image = roles.image
     b, n = image.shape
     if baseline.grid is not None:

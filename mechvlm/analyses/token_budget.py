@@ -19,6 +19,7 @@ from torch import Tensor
 from mechvlm.analyses._common import DROP_MODES, LossBatch, image_features, loss_batch_list, loss_without, row_losses
 from mechvlm.analyses.token_selection import STRATEGIES, check_strategies, received_scores, token_order
 from mechvlm.distributed import map_units
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.metrics._common import frame
 
 
@@ -151,6 +152,7 @@ def token_budget(
         index, (batch, target) = unit
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per batch: shardable, resumable
         roles = model.roles(**batch)
+        check_one_grid_images(roles.spans, "token_budget")
         if not roles.spans:
             raise ValueError(f"loss batch {index} holds no image: the token budget needs image tokens")
         batch = dict(batch, image_embeds=image_features(model, batch))  # the tower runs once per batch

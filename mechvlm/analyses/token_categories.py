@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechvlm.analyses._common import image_features
-from mechvlm.image_layout import ImageSpan, kept_feature_index
+from mechvlm.image_layout import ImageSpan, check_one_grid_images, kept_feature_index
 from mechvlm.metrics._common import Batch, FwdHooks, chunk_rows, frame, iter_batches, run_forward, user_hooks
 
 CATEGORIES = ("alive", "sink", "dead")
@@ -140,6 +140,7 @@ def embedlens_categories(model, batches: Batch | Iterable[Batch], sink_ids: Sequ
     cats, spans_out, example, norms, tops, n_ex = [], [], [], [], [], 0
     for batch in iter_batches(batches, progress, "embedlens_categories"):
         roles = model.roles(**batch)
+        check_one_grid_images(roles.spans, "embedlens_categories")
         spans = sorted(roles.spans, key=lambda s: s.image)
         vec = _input_vectors(model, batch, roles)
         top = nearest_rows(model, vec, k)
@@ -240,6 +241,7 @@ def massive_activation_categories(
     cats, spans_out, example, norms, sinks, n_ex = [], [], [], [], [], 0
     for batch in iter_batches(batches, progress, "massive_activation_categories"):
         roles = model.roles(**batch)
+        check_one_grid_images(roles.spans, "massive_activation_categories")
         spans = sorted(roles.spans, key=lambda s: s.image)
         image = roles.image.to(model.device)
         flags = {}

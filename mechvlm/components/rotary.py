@@ -32,13 +32,22 @@ class RotaryEmbedding:
         scaling_factor: linear scaling (``inv_freq / factor``); 1.0 for none.
         mrope_section: for mRoPE, how the ``d_head/2`` frequency slots split over the
             (t, h, w) position rows; chunk ``i`` takes row ``i % 3`` (HF's recomposition).
+        inv_freq: ``[d_head/2]`` frequencies computed elsewhere (e.g. by HF's
+            ``ROPE_INIT_FUNCTIONS`` for Llama-3's frequency-dependent scaling); replaces
+            the ones from ``theta`` and ``scaling_factor``.
     """
 
     def __init__(self, d_head: int, theta: float, scaling_factor: float = 1.0,
-                 mrope_section: tuple[int, ...] | None = None):
+                 mrope_section: tuple[int, ...] | None = None, inv_freq: Tensor | None = None):
         self.d_head = d_head
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
-        self.inv_freq = self.inv_freq / scaling_factor
+        if inv_freq is not None:
+            if tuple(inv_freq.shape) != (d_head // 2,):
+                raise ValueError(f"inv_freq must have shape ({d_head // 2},), got {tuple(inv_freq.shape)}")
+            self.inv_freq = inv_freq.detach().to("cpu", torch.float32)
+        else:
+            self.inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float()
+                                             / d_head))
+            self.inv_freq = self.inv_freq / scaling_factor
         self.mrope_section = list(mrope_section) if mrope_section is not None else None
 
     def __call__(

@@ -3,8 +3,10 @@
 Independent of `mechvlm.roles` on purpose: the nnsight side must not ask mechvlm which
 token is which. The rule is the one METHODS.md §1 states (and `mechvlm.roles` documents):
 
-    image: the image placeholder id (Qwen ``<|image_pad|>``, Gemma3 image soft token);
-    eoi:   the end-of-image id (Qwen ``<|vision_end|>``, Gemma3 ``<end_of_image>``);
+    image: the image placeholder id (Qwen ``<|image_pad|>``, Gemma3 image soft token,
+           LLaVA ``<image>``) or the video placeholder id (Qwen ``<|video_pad|>``);
+    eoi:   the end-of-image id (Qwen ``<|vision_end|>``, Gemma3 ``<end_of_image>``; LLaVA
+           has none: no token is EOI);
     text:  real tokens after the first image-start / image token that are none of
            image, eoi, image-start, nor a BOS at the first real position.
 """
@@ -25,31 +27,41 @@ class HFRoles:
     real: Tensor
 
     def key(self, name: str) -> Tensor:
-        if name not in ("image", "eoi"):
-            raise ValueError(f"the cross-check knows key roles 'image' and 'eoi', got {name!r}")
+        if name not in ("image", "eoi", "text"):
+            raise ValueError(f"the cross-check knows key roles 'image', 'eoi' and 'text', got {name!r}")
         return getattr(self, name)
 
 
+SUPPORTED = ("qwen2_5_vl", "gemma3", "llava", "llava_next", "llava_onevision")
+
+
 def special_ids(config) -> dict[str, int | None]:
-    """image / image_start / eoi / bos ids of a Qwen2.5-VL or Gemma3 HF config."""
+    """image / video / image_start / eoi / bos ids of a supported HF config (None: the model
+    has no such token)."""
     mt = config.model_type
     tc = config.get_text_config()
     if mt == "qwen2_5_vl":
-        return dict(image=config.image_token_id, start=config.vision_start_token_id,
+        return dict(image=config.image_token_id, video=config.video_token_id, start=config.vision_start_token_id,
                     eoi=config.vision_end_token_id, bos=tc.bos_token_id)
     if mt == "gemma3":
-        return dict(image=config.image_token_id, start=config.boi_token_id,
+        return dict(image=config.image_token_id, video=None, start=config.boi_token_id,
                     eoi=config.eoi_token_id, bos=tc.bos_token_id)
-    raise NotImplementedError(f"the cross-check supports qwen2_5_vl and gemma3, not {mt!r}")
+    if mt in ("llava", "llava_next", "llava_onevision"):
+        return dict(image=config.image_token_id, video=None, start=None, eoi=None, bos=tc.bos_token_id)
+    raise NotImplementedError(f"the cross-check supports {SUPPORTED}, not {mt!r}")
+
+
+def _is(input_ids: Tensor, token_id: int | None) -> Tensor:
+    return input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
 
 
 def hf_roles(config, input_ids: Tensor, attention_mask: Tensor | None = None) -> HFRoles:
     ids = special_ids(config)
     b, n = input_ids.shape
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    image = (input_ids == ids["image"]) & real
-    eoi = (input_ids == ids["eoi"]) & real
-    start = (input_ids == ids["start"]) & real
+    image = (_is(input_ids, ids["image"]) | _is(input_ids, ids["video"])) & real
+    eoi = _is(input_ids, ids["eoi"]) & real
+    start = _is(input_ids, ids["start"]) & real
     pos = torch.arange(n, device=input_ids.device).expand(b, n)
     first = torch.where(image | start, pos, n).min(-1).values[:, None]
     first_real = torch.where(real, pos, n).min(-1).values[:, None]

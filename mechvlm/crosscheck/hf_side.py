@@ -116,20 +116,23 @@ class EagerTwin:
 def hf_inputs(config, batch: dict, dtype: torch.dtype, device) -> dict:
     """HF keyword arguments for a mechvlm-style batch.
 
-    HF builds Qwen's 3-D positions only when ``mm_token_type_ids`` is passed and Gemma3's
-    bidirectional image blocks only with ``token_type_ids``: both are derived from the
-    image token id (or taken from the processor output when it has them). Under left
-    padding Gemma3 gets real-token ``position_ids`` (as ``generate`` does).
+    HF builds Qwen's 3-D positions only when ``mm_token_type_ids`` is passed (1 image, 2
+    video) and Gemma3's bidirectional image blocks only with ``token_type_ids``: both are
+    derived from the placeholder ids (or taken from the processor output when it has
+    them). Under left padding Gemma3 and LLaVA get real-token ``position_ids`` (as
+    ``generate`` does).
     """
     from mechvlm.crosscheck.hf_roles import special_ids
 
     ids = batch["input_ids"]
     kw = {k: v for k, v in batch.items() if v is not None}
-    image = (ids == special_ids(config)["image"]).long()
-    if config.model_type == "qwen2_5_vl":
-        kw.setdefault("mm_token_type_ids", image)
+    special = special_ids(config)
+    image = (ids == special["image"]).long()
+    if config.model_type == "qwen2_5_vl":  # 1 on image tokens, 2 on video tokens
+        kw.setdefault("mm_token_type_ids", image + 2 * (ids == special["video"]).long())
     else:
-        kw.setdefault("token_type_ids", image)
+        if config.model_type == "gemma3":
+            kw.setdefault("token_type_ids", image)
         am = batch.get("attention_mask")
         if am is not None and not bool(am.bool().all()):
             kw["position_ids"] = (am.long().cumsum(-1) - 1).clamp(min=0)
@@ -138,7 +141,7 @@ def hf_inputs(config, batch: dict, dtype: torch.dtype, device) -> dict:
     for k, v in kw.items():
         if isinstance(v, Tensor):
             v = v.to(device)
-            if k == "pixel_values":
+            if k in ("pixel_values", "pixel_values_videos"):
                 v = v.to(dtype)
         out[k] = v
     return out

@@ -92,7 +92,37 @@ def synthetic_inputs(config, seed: int = 0) -> dict:
                                       vocab=tc.vocab_size, generator=g)
         pixels = syn.gemma3_pixel_values(1, image_size=config.vision_config.image_size, generator=g)
         return {"input_ids": input_ids, "pixel_values": pixels}
-    raise NotImplementedError(f"the cross-check supports qwen2_5_vl and gemma3, not {config.model_type!r}")
+    if config.model_type in ("llava", "llava_next", "llava_onevision"):
+        return _llava_inputs(config, g)
+    raise NotImplementedError(f"the cross-check supports qwen2_5_vl, gemma3 and the LLaVA family, "
+                              f"not {config.model_type!r}")
+
+
+def _llava_inputs(config, g: torch.Generator) -> dict:
+    """``text, image, text``; LLaVA-NeXT / OneVision get a wide image of two tiles (its token
+    count from mechvlm's anyres layout, which HF's feature count then checks)."""
+    from mechvlm import synthetic as syn
+    from mechvlm.models import family_for
+    from mechvlm.models.llava_next import anyres_layout, num_tiles
+
+    family = family_for(config)
+    cfg = family.config_from_hf(config, dtype=torch.float32, device="cpu")
+    tc, px = config.get_text_config(), config.vision_config.image_size
+    out = {}
+    if config.model_type == "llava":
+        n_tokens = family.tile_layout(cfg).n_tokens
+        out["pixel_values"] = torch.randn(1, 3, px, px, generator=g)
+    else:
+        size = (px, 2 * px)
+        n_tokens = anyres_layout(cfg, size, max_patches=cfg.extra.get("max_patches")).n_tokens
+        out["pixel_values"] = torch.randn(1, num_tiles(cfg, size), 3, px, px, generator=g)
+        out["image_sizes"] = torch.tensor([size])
+    ids = {k: v for k, v in dict(bos=tc.bos_token_id, eos=tc.eos_token_id, pad=tc.pad_token_id,
+                                  image=config.image_token_id).items() if v is not None}
+    bos = tc.model_type == "llama" and tc.bos_token_id is not None
+    out["input_ids"] = syn.llava_prompt([5, "image", 8], [n_tokens], ids=ids, vocab=tc.vocab_size, bos=bos,
+                                        generator=g)
+    return out
 
 
 def build_inputs(config, source: str | None = None, *, image=None, prompt: str | None = None,

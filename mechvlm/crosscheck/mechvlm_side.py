@@ -15,7 +15,9 @@ from mechvlm.interventions import knockout
 
 def model_inputs(model, batch: dict) -> dict:
     """The batch keys `HookedVLM.forward` takes, on the model's device."""
-    keep = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask")
+    from mechvlm.models.base import VISUAL_INPUTS
+
+    keep = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", *VISUAL_INPUTS)
     if model.cfg.model_type == "gemma3":
         keep += ("token_type_ids",)
     return {k: (v.to(model.device) if isinstance(v, Tensor) else v)

@@ -10,7 +10,7 @@ from torch import Tensor
 from mechvlm.crosscheck.tolerances import Tol
 
 # Order of the quantities inside one layer (what is computed first diverges first).
-_STAGE = {"embed": 0, "pattern": 1, "resid_post": 2, "share/image": 3, "share/eoi": 3}
+_STAGE = {"embed": 0, "pattern": 1, "resid_post": 2, "share/image": 3, "share/eoi": 3, "share/text": 3}
 
 
 @dataclass
@@ -67,6 +67,7 @@ class CrosscheckReport:
         share_source: where mechvlm's attention share came from.
         effects: max |knockout - clean| logits per knockout (HF side), so that a
             knockout that changes nothing is visible as such.
+        skipped: experiments not run and why (a text->EOI knockout on a model without EOI).
     """
 
     model: str
@@ -76,6 +77,7 @@ class CrosscheckReport:
     timing: dict[str, float] = field(default_factory=dict)
     share_source: str = ""
     effects: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def add(self, quantity: str, layer: int | None, kind: str, ours: Tensor, ref: Tensor,
             mask: Tensor | None = None, ref32: Tensor | None = None, note: str = "") -> Row:
@@ -138,6 +140,8 @@ class CrosscheckReport:
         if noisy:
             lines.append("hf_noise: max |HF - HF in fp32| (HF's own rounding error; the bound is "
                          "atol + rtol * max|HF| + noise_factor * hf_noise)")
+        for what, why in self.skipped.items():
+            lines.append(f"skipped {what}: {why}")
         if self.share_source:
             lines.append(f"mechvlm attention share from: {self.share_source}")
         if self.timing:
@@ -165,6 +169,7 @@ class CrosscheckReport:
             "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows], "by_quantity": by_q,
             "tolerances": {k: asdict(v) for k, v in self.tolerances.items()},
             "timing": dict(self.timing), "share_source": self.share_source, "effects": dict(self.effects),
+            "skipped": dict(self.skipped),
         }
 
     def __str__(self) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mechvlm.crosscheck import mechvlm_side as mech
-from mechvlm.crosscheck.hf_roles import hf_roles
+from mechvlm.crosscheck.hf_roles import hf_roles, special_ids
 from mechvlm.crosscheck.hf_side import EagerTwin, eager_copy, hf_inputs
 from mechvlm.crosscheck.inputs import as_batch, build_inputs, load_hf_eager
 from mechvlm.crosscheck.report import CrosscheckReport
@@ -40,18 +40,22 @@ def crosscheck(
 
     Args:
         model: an in-memory HF ``Qwen2_5_VLForConditionalGeneration`` /
-            ``Gemma3ForConditionalGeneration`` (not modified: the nnsight side works on a
+            ``Gemma3ForConditionalGeneration`` / ``Llava(Next|Onevision)ForConditionalGeneration``
+            (not modified: the nnsight side works on a
             deepcopy switched to eager attention, mechvlm copies the weights), or a hub id /
             local HF directory (loaded once, in eager attention).
         batch: model inputs (``input_ids``, ``pixel_values``, ``image_grid_thw`` for Qwen,
-            optional ``attention_mask``; processor outputs may be passed as they are).
+            optional ``attention_mask``, videos, ``image_sizes`` for LLaVA-NeXT; processor
+            outputs may be passed as they are).
             Default: the processor of ``model`` (a path) on ``image``/``prompt``, or a
             synthetic prompt of the model's family when there is no processor.
         hooked: the `HookedVLM` to check (default: ``HookedVLM.from_hf(model)``); lets a
             test check a deliberately broken one.
         dtype, device: where both sides run (default: the HF model's).
-        knockouts: also compare text->image / text->EOI knockouts in both modes.
-        share: also compare the text->{image, EOI} attention share per layer and head.
+        knockouts: also compare text->image / text->EOI knockouts in both modes (text->EOI is
+            skipped, and listed in ``report.skipped``, for a model without EOI).
+        share: also compare the text->{image, EOI} attention share per layer and head
+            (text->{image, text} for a model without EOI, e.g. LLaVA).
         tolerances: per-kind overrides of `tolerances_for(dtype)`.
         reference_fp32: in bf16 / fp16, also trace an fp32 copy of the HF reference (same
             rounded weights) to measure HF's own rounding error, which sets the bounds
@@ -96,16 +100,19 @@ def crosscheck(
     roles = hf_roles(config, batch["input_ids"].to(dev), kw.get("attention_mask"))
     real = roles.real
 
+    keys = tuple(k for k in KNOCKOUT_KEYS if k != "eoi" or special_ids(config)["eoi"] is not None)
     report = CrosscheckReport(model=f"{name} [{config.model_type}, {twin.n_layers} layers, {made} inputs, "
                                     f"{tuple(batch['input_ids'].shape)} tokens]",
                               dtype=str(twin_hf.dtype).replace("torch.", ""),
                               tolerances=tolerances_for(twin_hf.dtype, tolerances,
                                                         measured_noise=twin32 is not None))
+    if keys != KNOCKOUT_KEYS:
+        report.skipped["text->eoi"] = f"{config.model_type} has no end-of-image token (no EOI role)"
     t_runs = time.perf_counter()
 
     # token roles: mechvlm's own against the independent derivation from input_ids
     mroles = hooked.roles(**mech.model_inputs(hooked, batch))
-    for r in ("text", "image", "eoi"):
+    for r in ("text", "image", "eoi"):  # a missing EOI role is all False on both sides
         report.add(f"roles/{r}", None, "roles", getattr(mroles, r).float(), getattr(roles, r).float())
 
     # clean run: residual stream, patterns, logits
@@ -124,7 +131,7 @@ def crosscheck(
 
     if knockouts:
         for mode in KNOCKOUT_MODES:
-            for key in KNOCKOUT_KEYS:
+            for key in keys:
                 cut = (roles.text[:, :, None] & roles.key(key)[:, None, :])[:, None]
                 ref_ko = twin.run_knockout(kw, cut, mode)
                 ko32 = twin32.run_knockout(kw32, cut, mode).logits if twin32 else None
@@ -135,11 +142,12 @@ def crosscheck(
                     if bool(real.any()) else 0.0
 
     if share:
-        keys = {k: roles.key(k) for k in KNOCKOUT_KEYS}
-        ref_share = share_from_patterns(ref.patterns, roles.text, keys)
-        share32 = share_from_patterns(r32.patterns, roles.text, keys) if r32 else None
-        our_share, report.share_source = mech.attention_share(hooked, batch, ours.patterns, KNOCKOUT_KEYS)
-        for key in KNOCKOUT_KEYS:
+        share_keys = keys if "eoi" in keys else ("image", "text")  # image vs text when there is no EOI
+        key_masks = {k: roles.key(k) for k in share_keys}
+        ref_share = share_from_patterns(ref.patterns, roles.text, key_masks)
+        share32 = share_from_patterns(r32.patterns, roles.text, key_masks) if r32 else None
+        our_share, report.share_source = mech.attention_share(hooked, batch, ours.patterns, share_keys)
+        for key in share_keys:
             for l in range(twin.n_layers):
                 report.add(f"share/{key}", l, "share", our_share[key][l], ref_share[key][l],
                            ref32=share32 and share32[key][l])

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechvlm.image_layout import check_one_grid_images
 from mechvlm.interventions._common import Hooks
 from mechvlm.interventions.attention import knockout
 from mechvlm.roles import TokenRoles
@@ -100,11 +101,16 @@ def remove_image_tokens(batch: Mapping, roles: TokenRoles, drop: Bool[Tensor, "b
         drop: ``[batch, pos]`` bool, True on the image tokens to remove.
     """
     roles.check_ids(batch["input_ids"], used_by="remove_image_tokens")
+    check_one_grid_images(roles.spans, "remove_image_tokens", videos_allowed=True)
     drop = _check_drop(roles, drop).cpu()
+    if bool((drop & roles.video.cpu()).any()):
+        raise NotImplementedError("drop selects video tokens; remove_image_tokens removes image tokens only "
+                                  "(image_cells index images; mask video tokens as keys instead)")
+    image_spans = [s for s in roles.spans if s.modality == "image"]
     real = roles.real.cpu()
     n_rows = drop.shape[0]
     cells = []
-    for s in sorted(roles.spans, key=lambda s: s.image):
+    for s in sorted(image_spans, key=lambda s: s.image):
         kept = [c for c, d in zip(s.cell_ids, drop[s.row, s.start:s.stop].tolist()) if not d]
         if not kept:
             raise ValueError(f"drop removes every token of image {s.image} (row {s.row}); an image must keep "
@@ -127,6 +133,6 @@ def remove_image_tokens(batch: Mapping, roles: TokenRoles, drop: Bool[Tensor, "b
         if batch.get(key) is not None:
             t = batch[key]
             out[key] = t.cpu().gather(1, idx).masked_fill(~valid, 0).to(t.device)
-    if roles.spans:
+    if image_spans:
         out["image_cells"] = cells
     return PrunedBatch(batch=out, source_positions=source, dropped=drop)

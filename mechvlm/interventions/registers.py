@@ -51,7 +51,7 @@ def insert_registers(
         raise ValueError("n must be >= 0")
     roles.check_ids(input_ids, used_by="insert_registers")
     real = roles.real.cpu()
-    eoi = roles.eoi.cpu()
+    eoi = roles.mask("eoi").cpu()  # raises MissingRoleError for a model without EOI (LLaVA)
     rows, regs = [], []
     for b in range(input_ids.shape[0]):
         ids_row, reg_row = [], []

@@ -9,7 +9,7 @@ inputs into positions, image spans and (Gemma3) bidirectional blocks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Int
@@ -26,6 +26,32 @@ from mechvlm.config import VLMConfig
 from mechvlm.image_layout import ImageSpan
 
 
+#: Visual inputs of `HookedVLM.forward` besides ``pixel_values`` / ``image_grid_thw``; each
+#: is used by some families only (a family that does not use one raises when it is given).
+VISUAL_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_sizes",
+                 "batch_num_images")
+
+
+@dataclass
+class VisualInput:
+    """One modality's features to compute and scatter into its placeholder tokens.
+
+    Attributes:
+        modality: ``"image"`` or ``"video"``; the features pass ``hook_{modality}_embeds``.
+        token_id: the placeholder id the features replace, in sequence order.
+        encoder_kwargs: the keyword arguments of the family's vision encoder
+            (``model.vision(**encoder_kwargs)`` returns ``[n_features, d_model]``).
+        n_features: how many feature vectors the encoder returns: the placeholder tokens,
+            or, when ``image_cells`` removed some, the whole images' cells
+            (`ImageSpan.n_cells`); the kept cells' features are then selected.
+    """
+
+    modality: str
+    token_id: int
+    encoder_kwargs: dict
+    n_features: int
+
+
 @dataclass
 class PreparedInputs:
     """Validated inputs of one forward pass.
@@ -33,9 +59,10 @@ class PreparedInputs:
     Attributes:
         input_ids: ``[batch, pos]`` on the model's device.
         key_padding: ``[batch, pos]`` True for real tokens; None when nothing is padded.
-        spans: the images, in feature order.
+        spans: the images, in feature order, then the videos.
         position_ids: ``[3, batch, pos]`` (mRoPE) or ``[batch, pos]``.
         block_ids: ``[batch, pos]`` bidirectional block of each token (-1: none), or None.
+        visual: the features to scatter, one entry per modality present.
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -43,6 +70,7 @@ class PreparedInputs:
     spans: list[ImageSpan]
     position_ids: Int[Tensor, "..."]
     block_ids: Int[Tensor, "batch pos"] | None = None
+    visual: list[VisualInput] = field(default_factory=list)
 
 
 class ModelFamily(ABC):
@@ -74,9 +102,20 @@ class ModelFamily(ABC):
         """The language-model weights under mechvlm names (tensors not copied)."""
 
     @abstractmethod
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        """The inverse of `state_dict_from_hf`: language-model weights under mechvlm names ->
+        the HF model's ``state_dict()`` names (tensors not copied). ``unembed.weight`` may be
+        absent when ``cfg.tie_word_embeddings`` (HF's ``lm_head.weight`` is then the embedding)."""
+
+    #: mechvlm name prefix of the vision encoder's modules -> HF ``state_dict()`` prefix
+    vision_prefixes: dict[str, str] = {}
+
+    @abstractmethod
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
-        """A module ``(pixel_values, image_grid_thw) -> [n_image_tokens, d_model]``
-        around the HF vision tower (and projector / merger)."""
+        """A module ``(pixel_values, image_grid_thw=None, **kw) -> [n_tokens, d_model]``
+        around the HF vision tower (and projector / merger), called with the
+        ``encoder_kwargs`` of a `VisualInput` (LLaVA-NeXT: ``image_sizes``; Qwen videos: the
+        video pixels and ``video_grid_thw``)."""
 
     @staticmethod
     def ties_embeddings(hf_model: nn.Module) -> bool:
@@ -87,20 +126,23 @@ class ModelFamily(ABC):
     # --- inputs ----------------------------------------------------------------------
     @abstractmethod
     def image_spans(self, cfg: VLMConfig, input_ids: Tensor, image_grid_thw: Tensor | None,
-                    key_padding: Tensor | None, image_cells=None) -> list[ImageSpan]:
-        """The images' token spans from ``input_ids`` (and grids), without pixels.
-        ``image_cells``: see `HookedVLM.forward` (images with removed tokens)."""
+                    key_padding: Tensor | None, image_cells=None, **visual) -> list[ImageSpan]:
+        """The images' (and videos') token spans from ``input_ids`` and the grids / image
+        sizes in ``visual`` (`VISUAL_INPUTS`), without pixels. ``image_cells``: see
+        `HookedVLM.forward` (images with removed tokens; None: every token is there)."""
 
     @abstractmethod
     def prepare_inputs(
         self, cfg: VLMConfig, input_ids: Tensor, pixel_values: Tensor | None,
         image_grid_thw: Tensor | None, attention_mask: Tensor | None, device: torch.device,
-        token_type_ids: Tensor | None = None, image_cells=None,
+        token_type_ids: Tensor | None = None, image_cells=None, **visual,
     ) -> PreparedInputs:
         """Validate the inputs; find padding, image spans, positions and (Gemma3) blocks.
 
         ``token_type_ids`` (Gemma3's processor output, 1 on image tokens) is optional and
         only checked against what ``input_ids`` imply; families that do not use it raise.
+        ``visual``: the `VISUAL_INPUTS` given (None values mean absent); a family raises
+        for one it does not use.
         ``image_cells`` (optional): per image, the grid cells of the tokens left in
         ``input_ids`` when some were removed; positions are those the family assigns to a
         sequence holding only these tokens (see each family's ``prepare_inputs``).
@@ -120,6 +162,61 @@ def build_standard_block(cfg: VLMConfig, layer: int, *, qkv_bias: bool, qk_norm:
         attn, GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn), norm(cfg.d_model), norm(cfg.d_model),
         ln1_post=norm(cfg.d_model) if sandwich else None, ln2_post=norm(cfg.d_model) if sandwich else None,
     )
+
+
+def reject_unused(visual: dict, family: str, used: tuple[str, ...] = ()) -> None:
+    """Raise for a given visual input (`VISUAL_INPUTS`) that ``family`` does not use."""
+    unknown = set(visual) - set(VISUAL_INPUTS)
+    if unknown:
+        raise TypeError(f"unknown visual input(s) {sorted(unknown)}; known: {VISUAL_INPUTS}")
+    for key, value in visual.items():
+        if value is not None and key not in used:
+            raise ValueError(f"{key} is not used by {family}; drop it")
+
+
+def prenorm_state_dict(lm: nn.Module, lm_head: nn.Module) -> dict[str, Tensor]:
+    """mechvlm names of a HF pre-norm decoder (Qwen2 / Qwen2.5-VL / Llama layout:
+    ``embed_tokens``, ``layers[l].{input,post_attention}_layernorm``, ``self_attn.{q,k,v,o}_proj``
+    (with their biases, if any), ``mlp.{gate,up,down}_proj``, ``norm``) and its ``lm_head``."""
+    sd = {"embed.W_E": lm.embed_tokens.weight, "ln_final.w": lm.norm.weight, "unembed.weight": lm_head.weight}
+    for l, layer in enumerate(lm.layers):
+        p = f"blocks.{l}."
+        sd[p + "ln1.w"] = layer.input_layernorm.weight
+        sd[p + "ln2.w"] = layer.post_attention_layernorm.weight
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for key, t in getattr(layer.self_attn, name).state_dict(keep_vars=True).items():
+                sd[f"{p}attn.{name}.{key}"] = t
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
+    return sd
+
+
+def prenorm_state_dict_to_hf(weights: dict[str, Tensor], cfg: VLMConfig,
+                             lm: str = "model.language_model.") -> dict[str, Tensor]:
+    """The inverse of `prenorm_state_dict`: mechvlm names -> the HF ``state_dict()`` names
+    under the language model's prefix ``lm`` (tensors not copied); ``lm_head.weight`` is the
+    embedding when ``unembed.weight`` is absent (tied)."""
+    out = {lm + "embed_tokens.weight": weights["embed.W_E"], lm + "norm.weight": weights["ln_final.w"],
+           "lm_head.weight": weights.get("unembed.weight", weights["embed.W_E"])}
+    for l in range(cfg.n_layers):
+        p, q = f"blocks.{l}.", f"{lm}layers.{l}."
+        out[q + "input_layernorm.weight"] = weights[p + "ln1.w"]
+        out[q + "post_attention_layernorm.weight"] = weights[p + "ln2.w"]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for key in ("weight", "bias"):
+                if f"{p}attn.{name}.{key}" in weights:
+                    out[f"{q}self_attn.{name}.{key}"] = weights[f"{p}attn.{name}.{key}"]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{q}mlp.{name}.weight"] = weights[f"{p}mlp.{name}.weight"]
+    return out
+
+
+def real_token_positions(key_padding: Tensor | None, shape: torch.Size) -> Int[Tensor, "batch pos"]:
+    """1-D positions counting real tokens only (left pads get 0)."""
+    if key_padding is None:
+        return torch.arange(shape[1]).expand(shape[0], -1)
+    real = key_padding.long()
+    return ((torch.cumsum(real, dim=-1) - 1) * real).cpu()
 
 
 def padding_from_attention_mask(attention_mask: Tensor | None, input_ids: Tensor,
@@ -148,30 +245,32 @@ def check_input_ids(input_ids: Tensor) -> None:
         raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
 
 
-def check_image_embeds(image_embeds, n_image_tokens: int, d_model: int, device: torch.device) -> None:
-    """Refuse precomputed image features that cannot be the ``[n_image_tokens, d_model]``
-    vision output of this batch: another shape (even with the same element count, e.g.
-    ``[d_model, n]``), another device, or the meta device."""
+def check_image_embeds(image_embeds, n_image_tokens: int, d_model: int, device: torch.device, *,
+                       what: str = "image") -> None:
+    """Refuse precomputed image (``what="video"``: video) features that cannot be the
+    ``[n_image_tokens, d_model]`` vision output of this batch: another shape (even with the
+    same element count, e.g. ``[d_model, n]``), another device, or the meta device."""
+    name = f"{what}_embeds"
     if not isinstance(image_embeds, Tensor):
-        raise TypeError(f"image_embeds must be a torch.Tensor [n_image_tokens, d_model], got "
+        raise TypeError(f"{name} must be a torch.Tensor [n_{what}_tokens, d_model], got "
                         f"{type(image_embeds).__name__}")
     if not n_image_tokens:
-        raise ValueError("image_embeds given, but input_ids hold no image token: they would be ignored")
+        raise ValueError(f"{name} given, but input_ids hold no {what} token: they would be ignored")
     if image_embeds.is_meta:
-        raise ValueError("image_embeds is on the meta device (it has no values)")
+        raise ValueError(f"{name} is on the meta device (it has no values)")
     if image_embeds.device != torch.device(device):
-        raise ValueError(f"image_embeds is on {image_embeds.device}, the model on {device}: "
+        raise ValueError(f"{name} is on {image_embeds.device}, the model on {device}: "
                          "move it with .to(model.device)")
     if not image_embeds.is_floating_point():
-        raise TypeError(f"image_embeds must be a floating-point tensor, got {image_embeds.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {image_embeds.dtype}")
     shape = tuple(image_embeds.shape)
     if shape != (n_image_tokens, d_model):
         why = ""
         if len(shape) == 2 and shape[1] == d_model:
-            why = f": the image features hold {shape[0]} token vectors but the input has {n_image_tokens}"
+            why = f": the {what} features hold {shape[0]} token vectors but the input has {n_image_tokens}"
         elif len(shape) == 2 and shape == (d_model, n_image_tokens):
             why = ": it looks transposed"
-        raise ValueError(f"image_embeds has shape {shape}; it must be [n_image_tokens, d_model] = "
+        raise ValueError(f"{name} has shape {shape}; it must be [n_{what}_tokens, d_model] = "
                          f"[{n_image_tokens}, {d_model}]{why}")
 
 

@@ -42,8 +42,11 @@ from mechvlm.models.base import (
     PreparedInputs,
     build_standard_block,
     check_input_ids,
+    VisualInput,
     padding_from_attention_mask,
+    real_token_positions,
     register_family,
+    reject_unused,
 )
 
 _SUPPORTED_ROPE = ("default", "linear")
@@ -167,16 +170,38 @@ class Gemma3Family(ModelFamily):
                 sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
         return sd
 
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        lm = "model.language_model."
+        out = {lm + "embed_tokens.weight": weights["embed.W_E"], lm + "norm.weight": weights["ln_final.w"],
+               "lm_head.weight": weights.get("unembed.weight", weights["embed.W_E"])}
+        norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
+                 "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+        for l in range(cfg.n_layers):
+            p, q = f"blocks.{l}.", f"{lm}layers.{l}."
+            for ours, theirs in norms.items():
+                out[f"{q}{theirs}.weight"] = weights[f"{p}{ours}.w"]
+            out[q + "self_attn.q_norm.weight"] = weights[p + "attn.q_norm.w"]
+            out[q + "self_attn.k_norm.weight"] = weights[p + "attn.k_norm.w"]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[f"{q}self_attn.{name}.weight"] = weights[f"{p}attn.{name}.weight"]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{q}mlp.{name}.weight"] = weights[f"{p}mlp.{name}.weight"]
+        return out
+
+    vision_prefixes = {"vision.vision_tower.": "model.vision_tower.",
+                       "vision.multi_modal_projector.": "model.multi_modal_projector."}
+
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return Gemma3VisionEncoder(hf_model.model.vision_tower, hf_model.model.multi_modal_projector)
 
     # --- inputs ----------------------------------------------------------------------
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None, image_cells=None):
+                       token_type_ids=None, image_cells=None, **visual):
         """See `ModelFamily.prepare_inputs`. With ``image_cells`` (images with removed
         tokens), positions are what Gemma3 gives the shorter sequence: 1-D, counting the
         real tokens that are left (the text after a pruned image moves up), and each
         image's kept tokens form its bidirectional block."""
+        reject_unused(visual, "Gemma3")
         check_input_ids(input_ids)
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw is not used by Gemma3 (every image is "
@@ -188,14 +213,18 @@ class Gemma3Family(ModelFamily):
         if token_type_ids is not None:
             check_token_type_ids(token_type_ids, is_image, cfg.image_token_id)
         spans = self._spans(cfg, input_ids, is_image, block_ids, pixel_values, key_padding, image_cells)
+        visual = [VisualInput("image", cfg.image_token_id, {"pixel_values": pixel_values},
+                              sum(s.n_cells for s in spans))] if spans else []
         return PreparedInputs(input_ids, key_padding, spans, gemma3_position_ids(key_padding, input_ids.shape)
-                              .to(device), block_ids if spans else None)
+                              .to(device), block_ids if spans else None, visual=visual)
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None) -> list[ImageSpan]:
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None, **visual) -> list[ImageSpan]:
+        reject_unused(visual, "Gemma3")
         mm, tok = cfg.extra["mm_tokens_per_image"], cfg.image_token_id
         side = math.isqrt(mm)
         if image_cells is not None:
-            return find_image_spans(input_ids, tok, [(1, side, side)] * len(image_cells), key_padding, image_cells)
+            return find_image_spans(input_ids, tok, [(1, side, side)] * len(image_cells), key_padding,
+                                    cells=image_cells)
         block_ids = image_block_ids(input_ids == tok)
         for row, start, stop in _runs(block_ids):
             if (stop - start) % mm:
@@ -261,12 +290,7 @@ def check_token_type_ids(token_type_ids: Tensor, is_image: Tensor, image_token_i
             "uses to build the bidirectional image blocks")
 
 
-def gemma3_position_ids(key_padding: Tensor | None, shape: torch.Size) -> Int[Tensor, "batch pos"]:
-    """1-D positions counting real tokens only (left pads get 0)."""
-    if key_padding is None:
-        return torch.arange(shape[1]).expand(shape[0], -1)
-    real = key_padding.long()
-    return ((torch.cumsum(real, dim=-1) - 1) * real).cpu()
+gemma3_position_ids = real_token_positions  # 1-D positions counting real tokens only (left pads get 0)
 
 
 GEMMA3 = register_family(Gemma3Family())

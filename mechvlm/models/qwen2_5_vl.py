@@ -3,8 +3,16 @@
 The math of the backbone (`transformers.models.qwen2_5_vl`, see shared UPSTREAM_NOTES):
 pre-norm blocks, RMSNorm cast back before the weight, q/k/v with bias, GQA, SiLU-gated
 MLP, multimodal RoPE over (t, h, w) position rows. Positions are built here from
-``input_ids`` and ``image_grid_thw``; unlike HF, there is no silent 1-D fallback when
-``mm_token_type_ids`` is absent.
+``input_ids``, ``image_grid_thw`` and ``video_grid_thw``; unlike HF, there is no silent
+1-D fallback when ``mm_token_type_ids`` is absent.
+
+Videos (``<|vision_start|> <|video_pad|> x t*h*w/merge**2 <|vision_end|>``): the same
+tower encodes ``pixel_values_videos`` with ``video_grid_thw`` (``t`` temporal patches of
+``temporal_patch_size`` frames each). As HF's ``get_rope_index`` (transformers 5.23), the
+temporal position of patch ``i`` is ``p + long(i * tokens_per_second *
+second_per_grid_ts[v])`` (``second_per_grid_ts`` defaults to 1 per video), and the text
+after a video continues at ``p + max(h, w) / merge``, as after an image, however far the
+temporal positions went.
 """
 
 from __future__ import annotations
@@ -19,11 +27,17 @@ from mechvlm.image_layout import ImageSpan, find_image_spans
 from mechvlm.models.base import (
     ModelFamily,
     PreparedInputs,
+    VisualInput,
     build_standard_block,
     check_input_ids,
     padding_from_attention_mask,
+    prenorm_state_dict,
+    prenorm_state_dict_to_hf,
     register_family,
+    reject_unused,
 )
+
+_VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 _SUPPORTED_ROPE = ("default",)
 
@@ -86,6 +100,7 @@ class Qwen2_5_VLFamily(ModelFamily):
             n_ctx=getattr(tc, "max_position_embeddings", None),
             dtype=dtype,
             device=str(device),
+            extra={"tokens_per_second": hf_config.vision_config.tokens_per_second},
         )
 
     def build_block(self, cfg: VLMConfig, layer: int) -> TransformerBlock:
@@ -96,87 +111,120 @@ class Qwen2_5_VLFamily(ModelFamily):
         return {t: table for t in set(cfg.layer_types)}
 
     def state_dict_from_hf(self, hf_model: nn.Module) -> dict[str, Tensor]:
-        lm = hf_model.model.language_model
-        sd = {"embed.W_E": lm.embed_tokens.weight, "ln_final.w": lm.norm.weight,
-              "unembed.weight": hf_model.lm_head.weight}
-        for l, layer in enumerate(lm.layers):
-            p = f"blocks.{l}."
-            sd[p + "ln1.w"] = layer.input_layernorm.weight
-            sd[p + "ln2.w"] = layer.post_attention_layernorm.weight
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                for key, t in getattr(layer.self_attn, name).state_dict(keep_vars=True).items():
-                    sd[f"{p}attn.{name}.{key}"] = t
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                sd[f"{p}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
-        return sd
+        return prenorm_state_dict(hf_model.model.language_model, hf_model.lm_head)
+
+    def state_dict_to_hf(self, weights: dict[str, Tensor], cfg: VLMConfig) -> dict[str, Tensor]:
+        return prenorm_state_dict_to_hf(weights, cfg)
+
+    vision_prefixes = {"vision.visual.": "model.visual."}
 
     def vision_encoder(self, hf_model: nn.Module) -> nn.Module:
         return QwenVisionEncoder(hf_model.model.visual)
 
     # --- inputs ----------------------------------------------------------------------
-    def merged_grids(self, cfg: VLMConfig, image_grid_thw: Tensor) -> list[tuple[int, int, int]]:
+    def merged_grids(self, cfg: VLMConfig, grid_thw: Tensor, name: str = "image_grid_thw",
+                     what: str = "image") -> list[tuple[int, int, int]]:
         m = cfg.spatial_merge_size
-        if image_grid_thw.ndim != 2 or image_grid_thw.shape[1] != 3:
-            raise ValueError(f"image_grid_thw must be [n_images, 3], got {tuple(image_grid_thw.shape)}")
+        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"{name} must be [n_{what}s, 3], got {tuple(grid_thw.shape)}")
         grids = []
-        for i, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        for i, (t, h, w) in enumerate(grid_thw.tolist()):
             if h % m or w % m:
-                raise ValueError(f"image {i}: grid (t={t}, h={h}, w={w}) is not divisible by the merge size {m}")
+                raise ValueError(f"{what} {i}: grid (t={t}, h={h}, w={w}) is not divisible by the merge size {m}")
             grids.append((t, h // m, w // m))
         return grids
 
-    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None) -> list[ImageSpan]:
-        if image_grid_thw is None:
-            n_image_tokens = int((input_ids == cfg.image_token_id).sum())
-            if n_image_tokens:
+    def _modality_spans(self, cfg, input_ids, key_padding, grid_thw, *, modality: str, cells=None) -> list[ImageSpan]:
+        token_id = cfg.image_token_id if modality == "image" else cfg.video_token_id
+        name = f"{modality}_grid_thw"
+        if grid_thw is None:
+            n_tokens = int((input_ids == token_id).sum())
+            if n_tokens:
+                pixels = "pixel_values" if modality == "image" else "pixel_values_videos"
                 raise ValueError(
-                    f"input_ids contain {n_image_tokens} image tokens (id {cfg.image_token_id}) but "
-                    "image_grid_thw is None: pass the image_grid_thw (and pixel_values) of the images"
+                    f"input_ids contain {n_tokens} {modality} tokens (id {token_id}) but {name} is None: "
+                    f"pass the {name} (and {pixels}) of the {modality}s"
                 )
             return []
-        return find_image_spans(input_ids, cfg.image_token_id, self.merged_grids(cfg, image_grid_thw), key_padding,
-                                image_cells)
+        return find_image_spans(input_ids, token_id, self.merged_grids(cfg, grid_thw, name, modality), key_padding,
+                                modality=modality, cells=cells)
+
+    def image_spans(self, cfg, input_ids, image_grid_thw, key_padding, image_cells=None, **visual) -> list[ImageSpan]:
+        """The image spans, then the video spans; ``image_cells`` applies to the images only."""
+        reject_unused(visual, "Qwen2.5-VL", _VIDEO_INPUTS)
+        return (self._modality_spans(cfg, input_ids, key_padding, image_grid_thw, modality="image", cells=image_cells)
+                + self._modality_spans(cfg, input_ids, key_padding, visual.get("video_grid_thw"), modality="video"))
 
     def prepare_inputs(self, cfg, input_ids, pixel_values, image_grid_thw, attention_mask, device,
-                       token_type_ids=None, image_cells=None):
+                       token_type_ids=None, image_cells=None, **visual):
         """See `ModelFamily.prepare_inputs`. With ``image_cells``, each kept image token keeps
         the mRoPE position of its grid cell and the text after the image keeps its positions
         (the grid still advances the position by ``max(h, w)``): removing a token changes
-        nothing else, as masking it as a key would."""
+        nothing else, as masking it as a key would. Videos keep all their tokens."""
         if token_type_ids is not None:
             raise ValueError("token_type_ids is not used by Qwen2.5-VL (it is a Gemma3 input); drop it")
+        reject_unused(visual, "Qwen2.5-VL", _VIDEO_INPUTS)
         check_input_ids(input_ids)
         input_ids = input_ids.to(device)
-        if cfg.video_token_id is not None and bool((input_ids == cfg.video_token_id).any()):
-            raise NotImplementedError("input_ids contain video tokens; mechvlm supports images only")
         key_padding = padding_from_attention_mask(attention_mask, input_ids, device)
-        if image_grid_thw is None and pixel_values is not None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        if image_grid_thw is not None:
-            if pixel_values is None:
-                raise ValueError("image_grid_thw given without pixel_values")
-            n_patches = int(image_grid_thw.prod(-1).sum())
-            if pixel_values.shape[0] != n_patches:
-                raise ValueError(
-                    f"pixel_values has {pixel_values.shape[0]} patch rows but image_grid_thw "
-                    f"describes {n_patches} patches"
-                )
-        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells)
-        position_ids = mrope_position_ids(input_ids.shape, spans, key_padding).to(device)
-        return PreparedInputs(input_ids, key_padding, spans, position_ids)
+        video_grid_thw, pixel_values_videos = visual.get("video_grid_thw"), visual.get("pixel_values_videos")
+        _check_patches(pixel_values, image_grid_thw, "pixel_values", "image_grid_thw")
+        _check_patches(pixel_values_videos, video_grid_thw, "pixel_values_videos", "video_grid_thw")
+        spans = self.image_spans(cfg, input_ids, image_grid_thw, key_padding, image_cells, video_grid_thw=video_grid_thw)
+        videos = [s for s in spans if s.modality == "video"]
+        steps = video_time_steps(cfg.extra["tokens_per_second"], visual.get("second_per_grid_ts"), len(videos))
+        position_ids = mrope_position_ids(input_ids.shape, spans, key_padding,
+                                          {s: steps[s.image] for s in videos}).to(device)
+        inputs = []
+        for modality, pv, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
+            n = sum(s.n_cells for s in spans if s.modality == modality)
+            if n:
+                token_id = cfg.image_token_id if modality == "image" else cfg.video_token_id
+                inputs.append(VisualInput(modality, token_id, {"pixel_values": pv, "image_grid_thw": grid}, n))
+        return PreparedInputs(input_ids, key_padding, spans, position_ids, visual=inputs)
+
+
+def _check_patches(pixel_values: Tensor | None, grid_thw: Tensor | None, pixels: str, grid: str) -> None:
+    if grid_thw is None and pixel_values is not None:
+        raise ValueError(f"{pixels} given without {grid}")
+    if grid_thw is not None:
+        if pixel_values is None:
+            raise ValueError(f"{grid} given without {pixels}")
+        n_patches = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != n_patches:
+            raise ValueError(f"{pixels} has {pixel_values.shape[0]} patch rows but {grid} describes {n_patches} patches")
+
+
+def video_time_steps(tokens_per_second, second_per_grid_ts, n_videos: int) -> list:
+    """The temporal position step of each video: ``tokens_per_second * second_per_grid_ts[v]``
+    computed as HF does (the element as given: a Python float or a 0-d tensor; 1 when
+    ``second_per_grid_ts`` is None)."""
+    if second_per_grid_ts is None:
+        return [tokens_per_second * 1] * n_videos
+    if isinstance(second_per_grid_ts, Tensor):
+        second_per_grid_ts = second_per_grid_ts.detach().cpu()
+        if second_per_grid_ts.ndim != 1:
+            raise ValueError(f"second_per_grid_ts must be [n_videos], got shape {tuple(second_per_grid_ts.shape)}")
+    seconds = list(second_per_grid_ts)
+    if len(seconds) != n_videos:
+        raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {n_videos} video(s)")
+    return [tokens_per_second * sec for sec in seconds]
 
 
 def mrope_position_ids(
-    shape: torch.Size, spans: list[ImageSpan], key_padding: Tensor | None
+    shape: torch.Size, spans: list[ImageSpan], key_padding: Tensor | None, time_steps: dict | None = None,
 ) -> Int[Tensor, "3 batch pos"]:
-    """Qwen2.5-VL's 3-D positions (HF ``get_rope_index`` for images).
+    """Qwen2.5-VL's 3-D positions (HF ``get_rope_index``).
 
     Over the real tokens of each row: a text run continues ``arange`` from the current
     position ``p``; an image with merged grid (t, h, w) gets ``T = p + t_idx``,
-    ``H = p + row``, ``W = p + col`` (row-major), then ``p += max(h, w)``. Padding
-    positions stay 0. The end-of-image token is ordinary text. A span holding some cells
-    only (``ImageSpan.cells``) gives its tokens the positions of those cells.
+    ``H = p + row``, ``W = p + col`` (row-major), then ``p += max(h, w)``. A video span
+    in ``time_steps`` (span -> step, see `video_time_steps`) gets ``T = p +
+    long(t_idx * step)`` instead. Padding positions stay 0. The end-of-image token is
+    ordinary text. A span holding some cells only (``ImageSpan.cells``) gives its tokens
+    the positions of those cells.
     """
+    time_steps = time_steps or {}
     batch, seq = shape
     out = torch.zeros(3, batch, seq, dtype=torch.long)
     real = key_padding.cpu() if key_padding is not None else torch.ones(batch, seq, dtype=torch.bool)
@@ -185,12 +233,13 @@ def mrope_position_ids(
         rows = torch.empty(3, len(real_pos), dtype=torch.long)
         compact = torch.cumsum(real[row].long(), 0) - 1  # full position -> index among real tokens
         cursor, p = 0, 0
-        for s in (s for s in spans if s.row == row):
+        for s in sorted((s for s in spans if s.row == row), key=lambda s: s.start):
             start = int(compact[s.start])
             rows[:, cursor:start] = torch.arange(start - cursor) + p
             p += start - cursor
             t, h, w = s.grid
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            frames = torch.arange(t) if s not in time_steps else (torch.arange(t) * time_steps[s]).long()
+            tt, hh, ww = torch.meshgrid(frames, torch.arange(h), torch.arange(w), indexing="ij")
             grid_pos = torch.stack([tt, hh, ww]).reshape(3, -1)
             if s.cells is not None:
                 grid_pos = grid_pos[:, list(s.cells)]

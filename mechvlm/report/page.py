@@ -54,7 +54,7 @@ MODE_NOTE = (
     "than 1, and the values of the other keys come through scaled down.")
 
 
-ROLE_NAMES = {"image": "image", "eoi": "EOI"}
+ROLE_NAMES = {"image": "image", "eoi": "EOI", "text": "text"}
 
 
 NOT_SCORED_NOTE = ("Accuracy is not available: the benchmark has no answers (a test split). The "
@@ -142,10 +142,24 @@ def _knockout_part(page: Page, runs, n_items: int, chance: float) -> None:
                  f"Bar: MMBench accuracy over the {n_items} items; label: accuracy (std over items); error bars: "
                  f"95 % Wilson score interval over the {n_items} items; dashed line: chance, the mean of "
                  f"1 / (number of options) over the items ({chance:.3f}).")))
+    for r in runs:
+        for name, why in getattr(r, "skipped", {}).items():
+            page.add_text(f"{r.label}: not run: {name} ({why}).")
     page.add_html(tables.outputs_html(ko))
     _heading(page, "categories", "Per category and circular accuracy")
     page.add_html(tables.per_category_html(ko))
     page.add_html(tables.circular_html(ko))
+
+
+def _share_caption(label: str, keys) -> str:
+    a, b = (ROLE_NAMES.get(k, k) for k in keys[:2])
+    why = "" if "eoi" in keys else " (this model has no end-of-image token, so the text tokens stand in for it)"
+    return (f"{label}: share of the text tokens' attention on the {a} tokens vs the {b} token(s){why}, per "
+            f"layer, averaged over the examples. Normalised over {a} + {b} only: share_{a} = f_{a} / "
+            f"(f_{a} + f_{b}), f_role = Σ over text queries i, Σ over keys j of that role, of A_ij "
+            "(attention to other tokens is left out, so the two parts add up to 1). Left: head-summed "
+            "reading (f summed over heads before the ratio). Right: head-mean reading (the ratio per "
+            "head, averaged over heads).")
 
 
 def _share_part(page: Page, runs) -> None:
@@ -157,12 +171,7 @@ def _share_part(page: Page, runs) -> None:
                                   height=3.0, title=plain(r.label))
         figs.append(figure_html(
             fig, alt=f"attention share per layer, {r.label}", name=f"fig1:{r.label}",
-            caption=(f"{r.label}: share of the text tokens' attention on the image tokens vs the EOI token, per "
-                     "layer, averaged over the examples. Normalised over image + EOI only: share_image = f_image / "
-                     "(f_image + f_EOI), f_role = Σ over text queries i, Σ over keys j of that role, of A_ij "
-                     "(attention to other tokens is left out, so the two parts add up to 1). Left: head-summed "
-                     "reading (f summed over heads before the ratio). Right: head-mean reading (the ratio per "
-                     "head, averaged over heads).")))
+            caption=_share_caption(r.label, s.keys)))
     page.add_html('<div class="mechvlm-row">' + "".join(figs) + "</div>")
     for r in runs:
         s = r.share

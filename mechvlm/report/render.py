@@ -4,7 +4,8 @@
 ``results.json`` holds one entry per model under ``"models"`` (in ``--model`` order) and
 the run info under ``"run"``. The keys of the one-model format stay at the top level and
 describe the **first** model (``model``, ``model_type``, ``attention_share``,
-``received_attention``, ``knockout``, ``analyses``); ``mmbench``, ``n_items``, ``config``
+``received_attention``, ``knockout``, ``analyses``, ``skipped``: the conditions the model
+cannot run, with why); ``mmbench``, ``n_items``, ``config``
 and ``wall_s`` (the whole run) are shared.
 """
 
@@ -56,7 +57,7 @@ def model_entry(run) -> dict:
     examples = [{k: v for k, v in e.items() if k not in ("figure_html",)} for e in run.examples]
     return {"label": run.label, "model": run.path, "model_type": run.model_type, "n_layers": run.n_layers,
             **metric_summary(run.share, run.received), "knockout": run.knockout, "analyses": run.analyses,
-            "examples": examples, "wall_s": run.wall_s}
+            "examples": examples, "wall_s": run.wall_s, "skipped": dict(run.skipped)}
 
 
 def results_dict(runs, cfg, items, info: dict) -> dict:
@@ -70,7 +71,8 @@ def results_dict(runs, cfg, items, info: dict) -> dict:
         "n_items": len(items),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "attention_share": first["attention_share"], "received_attention": first["received_attention"],
-        "knockout": first["knockout"], "analyses": first["analyses"], "wall_s": info["wall_s"],
+        "knockout": first["knockout"], "analyses": first["analyses"], "skipped": first["skipped"],
+        "wall_s": info["wall_s"],
         "labels": [r.label for r in runs], "models": models, "run": info,
     }
 
@@ -100,6 +102,9 @@ def print_summary(results: dict, out: Path) -> None:
     print(outputs_table(ko))
     if not any(scored(k) for k in ko.values()):
         print("\naccuracy: not available (the benchmark has no answers)")
+    for m in results["models"]:
+        for name, why in m.get("skipped", {}).items():
+            print(f"{m['label']}: not run: {name} ({why})")
     for m in results["models"]:
         share = m["attention_share"]
         v = torch.as_tensor(share["mean_head_share"])

@@ -42,8 +42,10 @@ from ..distributed import is_main
 from ..outdir import write_manifest
 from ..placement import rank_max_memory
 from ..processing import InputBuilder
+from ..roles import missing_roles
 from ..toy.benchmark import SHIPPED_TSV
 from ..toy.checkpoint import FAMILIES, SHIPPED
+from ..training.registers import apply_registering, registering_of
 from .examples import example_attention
 from .resume import open_report_journal, prepare_report_out
 
@@ -119,6 +121,7 @@ class ModelRun:
     examples: list[dict]
     sections: list = dataclasses.field(default_factory=list)
     wall_s: float = 0.0
+    skipped: dict = dataclasses.field(default_factory=dict)  # condition -> why the model cannot run it
 
     @property
     def analyses(self) -> dict:
@@ -144,6 +147,7 @@ def load(cfg: ReportConfig, path: Path | None = None) -> tuple[HookedVLM, InputB
     else:
         model = HookedVLM.from_pretrained(str(path), dtype=DTYPES[cfg.dtype], device=cfg.device)
     model.eval()
+    apply_registering(model)  # a Registering checkpoint runs under the mask it was trained with
     return model, InputBuilder.from_pretrained(path)
 
 
@@ -153,6 +157,29 @@ def metric_batches(builder: InputBuilder, items, batch_size: int):
         chunk = items[i:i + batch_size]
         yield builder([mmbench_prompt(it) for it in chunk],
                       [[it.pil_image()] if it.image is not None else [] for it in chunk])
+
+
+def share_keys(model) -> tuple[str, ...]:
+    """Fig. 1's key roles: image vs EOI, or image vs text for a model without EOI (LLaVA)."""
+    return ("image", "eoi") if "eoi" not in missing_roles(model.cfg) else ("image", "text")
+
+
+def runnable_conditions(model, names) -> tuple[list[str], dict[str, str]]:
+    """The conditions the model can run, and ``{name: why not}`` for the others (a
+    text->EOI knockout on a model without EOI); they are reported, not silently dropped."""
+    from ..mmbench.conditions import condition_by_name
+
+    missing = missing_roles(model.cfg)
+    keep, skipped = [], {}
+    for name in names:
+        key = condition_by_name(name).key
+        if isinstance(key, str) and key in missing:
+            skipped[name] = missing[key]
+        else:
+            keep.append(name)
+    if not keep:
+        raise ValueError(f"none of the conditions {list(names)} can run on this model: {skipped}")
+    return keep, skipped
 
 
 def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, index: int = 0,
@@ -166,12 +193,18 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
     model, builder = load(cfg, path)
     if cfg.progress and n_models > 1:
         print(f"[{index + 1}/{n_models}] {label} ({path})", flush=True)
+    if registering_of(model).active and all(s.name != "registering" for s in sections):
+        from .sections import resolve_analyses  # a Registering checkpoint: its text -> registers share
+
+        sections = [*sections, *resolve_analyses(["registering"])]
     batches = list(metric_batches(builder, items, cfg.batch_size))
     task = journal.task if journal is not None else (lambda name: None)
-    share = attention_share(model, batches, progress=cfg.progress, journal=task("attention_share"))
+    conditions, skipped = runnable_conditions(model, cfg.conditions)
+    share = attention_share(model, batches, keys=share_keys(model), progress=cfg.progress,
+                            journal=task("attention_share"))
     received = received_attention(model, batches, keep_received=False, progress=cfg.progress,
                                   journal=task("received_attention"))
-    knockout = evaluate(model, builder, items, conditions=list(cfg.conditions),
+    knockout = evaluate(model, builder, items, conditions=conditions,
                         batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         progress=cfg.progress, journal=journal)
     examples = example_attention(model, builder, items, n=cfg.examples)
@@ -186,7 +219,7 @@ def run_model(cfg: ReportConfig, path: Path, label: str, items, sections, *, ind
         drawn.append((s, result, sub.items, sub.n_widgets))
     run = ModelRun(label=label, path=str(path), model_type=builder.model_type, n_layers=model.cfg.n_layers,
                    share=share, received=received, knockout=knockout, examples=examples, sections=drawn,
-                   wall_s=round(time.time() - t0, 2))
+                   wall_s=round(time.time() - t0, 2), skipped=skipped)
     del model, ctx, batches
     if str(cfg.device).startswith("cuda"):
         torch.cuda.empty_cache()

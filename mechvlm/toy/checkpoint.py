@@ -13,8 +13,13 @@ from .scenes import IMAGE_SIZE
 from .tokenizer import SPECIALS, special_id, toy_tokenizer
 
 FAMILIES = ("qwen2_5_vl", "gemma3")
+#: families with a random-init toy (no shipped trained weights): tiny LLaVA checkpoints for tests
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {family: ASSETS / f"toy_{family}" for family in FAMILIES}
+# LLaVA toys: a tile is the whole 112 px toy image (8x8 tokens of 14 px); NeXT / OneVision tile
+# it 1x2 / 2x1 / 2x2 (a toy scene is square: one 2-tile canvas, unpadded to 8x8 + newlines)
+LLAVA_TOY_PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
 
 
 def toy_config(family: str, vocab_size: int, *, d_model: int = 128, n_layers: int = 4,
@@ -60,11 +65,31 @@ def toy_config(family: str, vocab_size: int, *, d_model: int = 128, n_layers: in
         return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
                             boi_token_index=sid("<start_of_image>"), eoi_token_index=sid("<end_of_image>"),
                             image_token_index=sid("<image_soft_token>"), tie_word_embeddings=True)
-    raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    if family in LLAVA_FAMILIES:
+        from ..synthetic import llava_config
+
+        ids = dict(pad=sid(SPECIALS[family][0]), image=sid("<image>"), video=sid(SPECIALS[family][-1]),
+                   bos=sid("<s>") if family != "llava_onevision" else None,
+                   eos=sid("</s>") if family != "llava_onevision" else sid("<|im_end|>"))
+        return llava_config(family, vocab=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                            n_kv_heads=n_kv_heads, d_mlp=d_mlp, image_size=IMAGE_SIZE, patch_size=14,
+                            vision_hidden=vision_hidden, vision_depth=vision_depth,
+                            pinpoints=LLAVA_TOY_PINPOINTS, aspect="anyres_max_9", ids=ids)
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES + LLAVA_FAMILIES}")
 
 
 def toy_image_processor(family: str):
     """The HF image processor (PIL backend) configured for the toy's 112x112 images."""
+    if family in LLAVA_FAMILIES:
+        import transformers
+
+        square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        if family == "llava":
+            return transformers.LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=square)
+        if family == "llava_next":
+            return transformers.LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=square,
+                                                          image_grid_pinpoints=LLAVA_TOY_PINPOINTS)
+        return transformers.LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=LLAVA_TOY_PINPOINTS)
     if family == "qwen2_5_vl":
         from transformers import Qwen2VLImageProcessorPil
 
@@ -78,12 +103,13 @@ def toy_image_processor(family: str):
 def build_toy(family: str, **sizes):
     """A randomly initialised toy HF model, its tokenizer and image processor."""
     import torch
-    from transformers import Gemma3ForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    import transformers
+
+    from ..models import family_for
 
     tokenizer = toy_tokenizer(family)
     config = toy_config(family, len(tokenizer), **sizes)
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Gemma3ForConditionalGeneration
-    model = cls(config)
+    model = getattr(transformers, family_for(config).hf_class_name)(config)
     if family == "gemma3":  # HF initialises the projector to zero: no gradient would reach SigLIP
         with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
@@ -104,8 +130,9 @@ def save_toy(model, tokenizer, image_processor, out: str | Path, record: dict | 
 
     out = Path(out)
     family = model.config.model_type
-    eos = [special_id(family, "<|im_end|>")] if family == "qwen2_5_vl" else \
-        [special_id(family, "<eos>"), special_id(family, "<end_of_turn>")]
+    eos = {"qwen2_5_vl": ["<|im_end|>"], "gemma3": ["<eos>", "<end_of_turn>"], "llava": ["</s>"],
+           "llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"]}[family]
+    eos = [special_id(family, t) for t in eos]
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = 0
     with atomic_dir(out) as tmp:
@@ -118,4 +145,4 @@ def save_toy(model, tokenizer, image_processor, out: str | Path, record: dict | 
     return out
 
 
-__all__ = ["FAMILIES", "SHIPPED", "SPECIALS", "build_toy", "save_toy", "toy_config", "toy_image_processor"]
+__all__ = ["FAMILIES", "LLAVA_FAMILIES", "SHIPPED", "SPECIALS", "build_toy", "save_toy", "toy_config", "toy_image_processor"]

@@ -16,7 +16,20 @@ SPECIALS = {
                    "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "[UNK]"],
     "gemma3": ["<pad>", "<eos>", "<bos>", "[UNK]", "<start_of_turn>", "<end_of_turn>",
                "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+    "llava": ["<pad>", "<s>", "</s>", "[UNK]", "<image>"],
+    "llava_next": ["<pad>", "<s>", "</s>", "[UNK]", "<image>"],
+    "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]", "<image>", "<video>"],
 }
+
+# LLaVA-1.5 / NeXT: Vicuna's "USER: <image>\n... ASSISTANT:" shape (the toy vocabulary has
+# no colon: "user\n"); OneVision: Qwen2's chat markup.
+_VICUNA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if m['role'] == 'assistant' %}</s>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant\n{% endif %}"
+)
 
 # Chat templates in the shape of the real checkpoints' (Qwen2.5-VL without its default
 # system turn; Gemma3 as released). An image content item renders as the real templates do.
@@ -35,6 +48,15 @@ CHAT_TEMPLATES = {
         "{% if c['type'] == 'image' %}<start_of_image>"
         "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "llava": _VICUNA_TEMPLATE,
+    "llava_next": _VICUNA_TEMPLATE,
+    "llava_onevision": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
     ),
 }
 
@@ -65,7 +87,7 @@ def vocabulary(family: str) -> dict[str, int]:
 
 
 def toy_tokenizer(family: str):
-    """A ``PreTrainedTokenizerFast`` for the toy ``family`` ("qwen2_5_vl" or "gemma3")."""
+    """A ``PreTrainedTokenizerFast`` for the toy ``family`` (a key of `SPECIALS`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,8 +98,10 @@ def toy_tokenizer(family: str):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="removed", invert=True)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     tok.add_special_tokens(specials)
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "llava_onevision"):
         named = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="[UNK]")
+    elif family in ("llava", "llava_next"):
+        named = dict(pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="[UNK]")
     else:
         named = dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="[UNK]",
                      boi_token="<start_of_image>", eoi_token="<end_of_image>",

@@ -30,7 +30,7 @@ __all__ = ["fig_attention_share", "fig_received_attention", "fig_logit_lens", "f
            "fig_visual_text_similarity"]
 
 _ROLE_NAMES = {"image": "image", "eoi": "EOI", "image_start": "BOI", "prefix": "prefix", "text": "text",
-               "bos": "BOS", "last": "last", "real": "all"}
+               "bos": "BOS", "last": "last", "real": "all", "register": "registers", "eoi+register": "registers"}
 
 
 def _panels(results):
@@ -246,9 +246,11 @@ def fig_logit_lens(result, *, example: int = 0, tokenizer=None, layers: Sequence
         several = len(row_spans(roles, row)) > 1
 
         def cell(p: int) -> str:
-            if not bool(roles.image[row, p]):
+            if not bool(roles.image[row, p]) or int(roles.grid_row[row, p]) < 0:
                 return names[p]
             rc = f"{int(roles.grid_row[row, p])},{int(roles.grid_col[row, p])}"
+            tile = int(roles.grid_tile[row, p])
+            rc = f"t{tile}:{rc}" if tile > 0 else rc
             return f"i{int(roles.image_index[row, p])}:{rc}" if several else rc
 
         ax.set_xticks(range(P), [cell(p) for p in pos], rotation=90, fontsize=6)
@@ -281,8 +283,8 @@ def fig_logit_lens_on_image(result, roles, *, layer, example: int = 0, batch_ind
     the (resized) input image if given. ``roles``: the roles of the batch the example came
     from; ``batch_index``: its row there (default ``example``). One panel per image."""
 
-    from mechvlm.viz.image import model_pixel_size, resize_to_grid
-    from mechvlm.viz.labels import row_spans
+    from mechvlm.image_layout import view_positions
+    from mechvlm.viz.image import _shown_image, image_panels, model_pixel_size
 
     res = result
     row = example if batch_index is None else batch_index
@@ -292,27 +294,30 @@ def fig_logit_lens_on_image(result, roles, *, layer, example: int = 0, batch_ind
     prob = dict(zip(pos, _np(res.top_probs[sel][:, li, rank]).tolist()))
     tok = dict(zip(pos, res.top_ids[sel][:, li, rank].tolist()))
     hit = dict(zip(pos, res.hits[sel][:, li].tolist())) if res.hits is not None else {}
-    spans = [s for s in row_spans(roles, row) if any(p in prob for p in range(s.start, s.stop))]
-    if not spans:
+    panels = [p for p in image_panels(torch.zeros(roles.shape[1]), roles, batch_index=row)
+              if any(q in prob for q in view_positions(p.span, p.view).reshape(-1).tolist())]
+    if not panels:
         raise ValueError(f"no image token of row {row} was read by the logit lens")
-    images = image if isinstance(image, (list, tuple)) else [image] * len(spans)
-    fig, axes = _subplots(len(spans), size, size)
-    for ax, s, img in zip(axes, spans, images):
-        _, h, w = s.grid
-        H, W = model_pixel_size(s, cfg)
+    spans = list(dict.fromkeys(p.span for p in panels))
+    images = dict(zip(spans, image if isinstance(image, (list, tuple)) else [image] * len(spans)))
+    fig, axes = _subplots(len(panels), size, size)
+    for ax, panel in zip(axes, panels):
+        s, img = panel.span, images[panel.span]
+        cells = view_positions(s, panel.view)[panel.frame or 0]  # [h, w] token positions
+        h, w = cells.shape
+        H, W = model_pixel_size(s, cfg, panel.view)
         grid = np.full((h, w), np.nan)
-        for p in range(s.start, s.stop):
+        for (r, c), p in np.ndenumerate(cells.numpy()):
             if p in prob:
-                grid[int(roles.grid_row[row, p]), int(roles.grid_col[row, p])] = prob[p]
+                grid[r, c] = prob[p]
         if img is not None:
-            ax.imshow(resize_to_grid(img, (H, W)), extent=(0, W, H, 0))
+            ax.imshow(_shown_image(img, panel, cfg, (H, W)), extent=(0, W, H, 0))
         ax.imshow(grid, extent=(0, W, H, 0), cmap="Blues", vmin=0, vmax=1,
                   alpha=alpha if img is not None else 1.0, interpolation="nearest")
         fs = max(4, min(9, int(180 / max(h, w))))
-        for p in range(s.start, s.stop):
+        for (r, c), p in np.ndenumerate(cells.numpy()):
             if p not in tok:
                 continue
-            r, c = int(roles.grid_row[row, p]), int(roles.grid_col[row, p])
             ax.text((c + 0.5) * W / w, (r + 0.5) * H / h, _decode(tokenizer, tok[p])[:6], ha="center",
                     va="center", fontsize=fs, color="#C44E52" if hit.get(p) else "black",
                     fontweight="bold" if hit.get(p) else "normal")
@@ -320,7 +325,7 @@ def fig_logit_lens_on_image(result, roles, *, layer, example: int = 0, batch_ind
         ax.set_ylim(H, 0)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"image {s.image}, layer {layer}", fontsize=9)
+        ax.set_title(f"{panel.title.split(':')[0]}, layer {layer}", fontsize=9)
     fig.suptitle(title or f"Logit lens on the image grid (rank-{rank} token; red: top-k hits the labels)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -11,31 +11,40 @@ token ``(row, col)`` from ``roles.grid_row / grid_col``.
 - Gemma3: the image is resized to a ``image_size`` square (896 for the real
   checkpoints; no crop) and pooled to ``sqrt(mm_tokens)`` squared tokens, so the grid is
   square over the square image.
+- Qwen2.5-VL videos: one panel per frame (temporal patch ``t``, ``temporal_patch_size``
+  frames each) unless ``frames="mean"``.
+- LLaVA-1.5: the CLIP processor resizes the short side and crops the centre square, so
+  the grid covers the centre square of the image.
+- LLaVA-NeXT / OneVision (anyres): two panels per image: the overview (the whole image
+  squashed to one tile) and the stitched tiles (the cropped canvas keeps the image's
+  aspect ratio; newline tokens are not drawn).
 
-`image_grids` places per-position values on the grids; `heat_pixels` / `overlay` are
-the pixel-exact numpy versions of what `attention_on_image` draws.
+`image_panels` / `image_grids` place per-position values on the grids; `heat_pixels` /
+`overlay` are the pixel-exact numpy versions of what `attention_on_image` draws.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mechvlm.image_layout import ImageSpan
+from mechvlm.image_layout import GridView, ImageSpan, view_positions
 from mechvlm.roles import TokenRoles
 from mechvlm.viz.attention import _select_heads, pattern_of
 from mechvlm.viz.html import figure_to_img_html
 from mechvlm.viz.labels import row_spans
 from mechvlm.viz.text import plain
 
-__all__ = ["QWEN_PATCH", "received_per_position", "image_grids", "model_pixel_size", "resize_to_grid",
-           "heat_pixels", "overlay", "attention_on_image", "attention_on_image_html", "attention_on_image_layers",
-           "grids_on_image"]
+__all__ = ["QWEN_PATCH", "ImagePanel", "received_per_position", "image_panels", "image_grids",
+           "model_pixel_size", "resize_to_grid", "heat_pixels", "overlay", "attention_on_image",
+           "attention_on_image_html", "attention_on_image_layers", "grids_on_image"]
 
 QWEN_PATCH = 14
+_LLAVA = ("llava", "llava_next", "llava_onevision")
 
 
 def _query_mask(roles: TokenRoles, queries, batch_index: int) -> Tensor:
@@ -75,36 +84,107 @@ def received_per_position(source, roles: TokenRoles, *, layer: int | None = None
     raise ValueError(f"head_reduce must be 'mean' or 'sum', got {head_reduce!r}")
 
 
-def image_grids(values, roles: TokenRoles, *, batch_index: int = 0,
-                frames: str = "mean") -> list[tuple[ImageSpan, np.ndarray]]:
-    """Per-position values (``[pos]`` or ``[batch, pos]``) placed on each image's merged
-    grid: ``[(span, array [h, w])]`` for the images of row ``batch_index``, in sequence
-    order. Cells come from ``roles.grid_row / grid_col``; a grid with several frames
-    (``t > 1``) is averaged over them (``frames="mean"``) or summed (``"sum"``)."""
+@dataclass
+class ImagePanel:
+    """One heatmap: a view of an image (or one frame of a video) and its values ``[rows, cols]``."""
+
+    span: ImageSpan
+    view: GridView
+    frame: int | None
+    grid: np.ndarray
+
+    @property
+    def title(self) -> str:
+        _, h, w = self.view.grid
+        name = f"{self.span.modality} {self.span.image}"
+        if self.view.name not in ("image", "base") or self.span.views:
+            name += f" {self.view.name}"
+        if self.frame is not None:
+            name += f" frame {self.frame}"
+        elif self.view.grid[0] > 1:
+            name += f" ({self.view.grid[0]} frames, mean)"
+        return f"{name}: {h}\u00d7{w} tokens"
+
+
+def image_panels(values, roles: TokenRoles, *, batch_index: int = 0, frames: str | None = None) -> list[ImagePanel]:
+    """Per-position values (``[pos]`` or ``[batch, pos]``) on every grid of the images and
+    videos of row ``batch_index``, in sequence order: one panel per view (anyres: the
+    overview, then the stitched tiles; newline tokens left out) and, for a grid with
+    several frames, per frame (``frames="each"``, the default for videos) or one panel
+    averaged / summed over the frames (``"mean"``, the default for images, or ``"sum"``)."""
+    if frames not in (None, "each", "mean", "sum"):
+        raise ValueError(f"frames must be 'each', 'mean' or 'sum', got {frames!r}")
     v = torch.as_tensor(values).detach().to("cpu", torch.float64)
     if v.ndim == 2:
         v = v[batch_index]
     if v.shape[-1] != roles.shape[1]:
         raise ValueError(f"values have {v.shape[-1]} positions, the roles {roles.shape[1]}")
-    rows, cols, ts = (getattr(roles, k)[batch_index].cpu() for k in ("grid_row", "grid_col", "grid_t"))
     out = []
     for s in row_spans(roles, batch_index):
-        t, h, w = s.grid
-        g = np.zeros((t, h, w))
-        pos = torch.arange(s.start, s.stop)
-        g[ts[pos].numpy(), rows[pos].numpy(), cols[pos].numpy()] = v[pos].numpy()
-        out.append((s, g.mean(0) if frames == "mean" else g.sum(0)))
+        mode = frames or ("each" if s.modality == "video" else "mean")
+        for view in s.grid_views:
+            t, h, w = view.grid
+            if h * w == 0:  # a lone newline token
+                continue
+            if s.cells is None:
+                g = v[view_positions(s, view)].numpy()
+            else:  # some tokens were removed (image_cells): 0 on their cells
+                g = np.zeros(t * h * w)
+                g[list(s.cells)] = v[s.start:s.stop].numpy()
+                g = g.reshape(t, h, w)
+            if mode == "each" and t > 1:
+                out += [ImagePanel(s, view, f, g[f]) for f in range(t)]
+            else:
+                out.append(ImagePanel(s, view, None, g.mean(0) if mode != "sum" else g.sum(0)))
     return out
 
 
-def model_pixel_size(span: ImageSpan, cfg=None) -> tuple[int, int]:
-    """``(height, width)`` of the image as the model's processor resized it."""
-    _, h, w = span.grid
-    if cfg is not None and getattr(cfg, "model_type", None) == "gemma3" and cfg.extra.get("image_size"):
+def image_grids(values, roles: TokenRoles, *, batch_index: int = 0,
+                frames: str = "mean") -> list[tuple[ImageSpan, np.ndarray]]:
+    """Per-position values (``[pos]`` or ``[batch, pos]``) placed on each image's merged
+    grid: ``[(span, array [h, w])]`` for the images of row ``batch_index``, in sequence
+    order; an anyres image gives one entry per view (see `image_panels`). A grid with
+    several frames (``t > 1``) is averaged over them (``frames="mean"``), summed
+    (``"sum"``) or split (``"each"``: one entry per frame)."""
+    return [(p.span, p.grid) for p in image_panels(values, roles, batch_index=batch_index, frames=frames)]
+
+
+def model_pixel_size(span: ImageSpan, cfg=None, view: GridView | None = None) -> tuple[int, int]:
+    """``(height, width)`` of the image (its ``view``, default the first) as the model's
+    processor resized it."""
+    view = view or span.grid_views[0]
+    _, h, w = view.grid
+    model_type = getattr(cfg, "model_type", None)
+    if model_type == "gemma3" and cfg.extra.get("image_size"):
         size = int(cfg.extra["image_size"])
         return size, size
+    if model_type in _LLAVA:
+        px = int(cfg.extra["tile_pixels"])
+        if view.tiles is None:
+            return px, px
+        cell = px / cfg.extra["tile_side"]
+        sy, sx = view.tiles.scale
+        return round(h * sy * cell), round(w * sx * cell)
     merge = cfg.spatial_merge_size if cfg is not None else 2
     return h * QWEN_PATCH * merge, w * QWEN_PATCH * merge
+
+
+def _center_square(image):
+    arr = _as_array(image)
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return arr[top:top + side, left:left + side]
+
+
+def _shown_image(image, panel: ImagePanel, cfg, size: tuple[int, int]) -> np.ndarray:
+    """The input image as the panel's grid saw it, resized to ``size``."""
+    if isinstance(image, (list, tuple)) or (isinstance(image, (np.ndarray, Tensor)) and image.ndim == 4):
+        frame = panel.frame or 0  # a video given as its frames: the first frame of the temporal patch
+        image = image[min(len(image) - 1, frame * len(image) // max(1, panel.view.grid[0]))]
+    if getattr(cfg, "model_type", None) == "llava" and panel.view.tiles is None:
+        image = _center_square(image)  # CLIP's shortest-edge resize + centre crop
+    return resize_to_grid(image, size)
 
 
 def _as_array(image) -> np.ndarray:
@@ -190,7 +270,7 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
                        queries="text", batch_index: int = 0, cfg=None, head_reduce: str = "mean",
                        cmap: str = "inferno", alpha: float = 0.55, share_scale: bool = True,
                        show_grid: bool = False, min_side: int = 224, size: float = 3.6,
-                       title: str | None = None):
+                       title: str | None = None, frames: str | None = None):
     """Heatmap of the attention each image token receives, over the input image(s).
 
     ``source``: a cache + ``layer``, a pattern (``[batch, head, q, k]`` ...), or
@@ -203,7 +283,9 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
     per token); when that is small (tiny configs) it is upsampled by an integer factor to
     at least ``min_side`` pixels on its long side, for display only (the data coordinates
     stay the processor's pixels). ``share_scale``: one colour scale for all images.
-    Returns a Figure with one panel per image.
+    Returns a Figure with one panel per image; per frame for a video (``frames="mean"``:
+    one panel per video; a video in ``images`` may be given as its list of frames); two
+    per anyres image (overview, tiles), see `image_panels`. Six panels per figure row.
     """
     src = torch.as_tensor(source) if isinstance(source, (np.ndarray, list)) else source
     if _is_values(src, roles):
@@ -215,46 +297,57 @@ def attention_on_image(source, roles: TokenRoles, images=None, *, layer: int | N
         qname = queries if isinstance(queries, str) else "chosen queries"
         hname = "all heads" if heads is None else f"heads {heads}"
         what = f"attention from {qname} ({head_reduce} over {hname})"
-    grids = image_grids(values, roles, batch_index=batch_index)
-    if not grids:
+    panels = image_panels(values, roles, batch_index=batch_index, frames=frames)
+    if not panels:
         raise ValueError(f"row {batch_index} holds no image")
     lay = f"Layer {layer}: " if layer is not None else ""
-    return grids_on_image(grids, images, cfg=cfg, cmap=cmap, alpha=alpha, share_scale=share_scale,
+    return grids_on_image(panels, images, cfg=cfg, cmap=cmap, alpha=alpha, share_scale=share_scale,
                           show_grid=show_grid, min_side=min_side, size=size,
                           title=title if title is not None else plain(f"{lay}{what}"))
 
 
-def grids_on_image(grids: list[tuple[ImageSpan, np.ndarray]], images=None, *, cfg=None, cmap="inferno",
-                   alpha: float = 0.55, share_scale: bool = True, show_grid: bool = False, min_side: int = 224,
-                   size: float = 3.6, title: str | None = None, vmin: float | None = 0.0,
+def grids_on_image(grids: list[ImagePanel | tuple[ImageSpan, np.ndarray]], images=None, *, cfg=None,
+                   cmap="inferno", alpha: float = 0.55, share_scale: bool = True, show_grid: bool = False,
+                   min_side: int = 224, size: float = 3.6, title: str | None = None, vmin: float | None = 0.0,
                    vmax: float | None = None, labels: list[str] | None = None, panel_titles: list[str] | None = None):
-    """Values on image grids ``[(span, array [h, w])]`` drawn over the images, one panel per
-    grid: the placement `attention_on_image` uses (each image resized to the processor's
-    size, `model_pixel_size`). ``vmin`` / ``vmax``: the colour range (None: the values' min /
+    """Values on image grids drawn over the images, one panel per grid: `ImagePanel`s (see
+    `image_panels`: views of anyres images, video frames) or ``(span, array [h, w])`` pairs
+    (the span's first view); the placement `attention_on_image` uses (each image resized to
+    the processor's size, `model_pixel_size`). ``images``: one per distinct span, as in
+    `attention_on_image`. ``vmin`` / ``vmax``: the colour range (None: the values' min /
     max over the shared panels; NaN cells are left transparent). ``labels``: the grid holds
     integer codes ``0 .. len(labels) - 1`` (categories), shown with a discrete colour bar
     (``cmap``: a list of colours, one per label; default tab10's).
-    ``panel_titles`` replace the default "image k: h×w tokens". Returns a Figure."""
+    ``panel_titles`` replace the default "image k: h×w tokens". Six panels per figure row.
+    Returns a Figure."""
     import matplotlib.cm
     import matplotlib.colors
     import matplotlib.pyplot as plt
 
     if not grids:
         raise ValueError("no image grid to draw")
-    imgs = _images_for([s for s, _ in grids], images)
-    finite = [g[np.isfinite(g)] for _, g in grids]
+    panels = [p if isinstance(p, ImagePanel) else ImagePanel(p[0], p[0].grid_views[0], None, np.asarray(p[1]))
+              for p in grids]
+    spans = list(dict.fromkeys(p.span for p in panels))
+    imgs = dict(zip(spans, _images_for(spans, images)))
+    finite = [p.grid[np.isfinite(p.grid)] for p in panels]
     if labels is not None:
         vmin, vmax = -0.5, len(labels) - 0.5
         colors = cmap if isinstance(cmap, (list, tuple)) else matplotlib.colormaps["tab10"].colors[:len(labels)]
         cmap = matplotlib.colors.ListedColormap(list(colors))
     vmin_all = min((float(f.min()) for f in finite if f.size), default=0.0)
     vmax_all = max((float(f.max()) for f in finite if f.size), default=1.0)
-    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids) + 0.8, size), squeeze=False)
-    for i, (ax, (span, g), img) in enumerate(zip(axes[0], grids, imgs)):
-        H, W = model_pixel_size(span, cfg)
+    ncols = min(len(panels), 6)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.8, size * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for i, (ax, panel) in enumerate(zip(axes.flat, panels)):
+        g, img = panel.grid, imgs[panel.span]
+        H, W = model_pixel_size(panel.span, cfg, panel.view)
         k = max(1, -(-min_side // max(H, W)))
         if img is not None:
-            ax.imshow(resize_to_grid(img, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
+            ax.imshow(_shown_image(img, panel, cfg, (H * k, W * k)), extent=(0, W, H, 0), interpolation="bilinear")
         else:
             ax.imshow(np.zeros((H, W, 3), np.uint8), extent=(0, W, H, 0))
         f = g[np.isfinite(g)]
@@ -265,7 +358,7 @@ def grids_on_image(grids: list[tuple[ImageSpan, np.ndarray]], images=None, *, cf
         im = ax.imshow(np.ma.masked_invalid(g), extent=(0, W, H, 0), cmap=cmap,
                        alpha=alpha if img is not None else 1.0, vmin=lo, vmax=hi, interpolation="nearest")
         if show_grid:
-            _, h, w = span.grid
+            h, w = g.shape
             for r in range(1, h):
                 ax.axhline(r * H / h, color="white", lw=0.3, alpha=0.5)
             for c in range(1, w):
@@ -274,8 +367,7 @@ def grids_on_image(grids: list[tuple[ImageSpan, np.ndarray]], images=None, *, cf
         ax.set_ylim(H, 0)
         ax.set_xticks([])
         ax.set_yticks([])
-        default = f"image {span.image}: {span.grid[1]}\u00d7{span.grid[2]} tokens"
-        ax.set_title(panel_titles[i] if panel_titles is not None else default, fontsize=9)
+        ax.set_title(panel_titles[i] if panel_titles is not None else panel.title, fontsize=9)
         opaque = matplotlib.cm.ScalarMappable(norm=im.norm, cmap=im.get_cmap())  # alpha-free colour bar
         bar = fig.colorbar(opaque, ax=ax, fraction=0.046, pad=0.03)
         if labels is not None:

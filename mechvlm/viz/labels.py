@@ -39,7 +39,10 @@ def row_spans(roles: TokenRoles, batch_index: int = 0):
 
 def image_label(span, *, several: bool) -> str:
     t, h, w = span.grid
-    name = f"image {span.image}" if several else "image"
+    kind = getattr(span, "modality", "image")
+    name = f"{kind} {span.image}" if several else kind
+    if getattr(span, "views", ()):
+        return f"<{name} {span.n_tokens} tokens>"
     return f"<{name} {h}\u00d7{w}>" if t == 1 else f"<{name} {t}\u00d7{h}\u00d7{w}>"
 
 
@@ -57,7 +60,10 @@ def token_labels(roles: TokenRoles, input_ids: Tensor | Sequence[int] | None = N
 
     Image tokens: ``<img r,c>`` (merged-grid row, column); ``<img2 r,c>`` when the row
     holds several images (the image's index in feature order); ``<img t,r,c>`` for a
-    grid with several frames. ``<EOI>``, ``<BOI>``, ``<BOS>``. Other tokens: decoded by
+    grid with several frames; video tokens ``<vid t,r,c>``; anyres tokens
+    ``<img b r,c>`` (overview) / ``<img t3 r,c>`` (tile 3, row and column within it) and
+    ``<img nl>`` (a newline token), ``<img cls>`` (a kept CLS token). ``<EOI>``,
+    ``<BOI>``, ``<BOS>``. Other tokens: decoded by
     ``tokenizer`` (anything with ``decode``, a callable id -> str, or a list/dict), else
     the token id, else ``#pos`` when no ``input_ids`` are given. ``safe`` applies
     `html_safe` (needed for circuitsvis widgets; matplotlib wants ``safe=False``).
@@ -71,15 +77,27 @@ def token_labels(roles: TokenRoles, input_ids: Tensor | Sequence[int] | None = N
             raise ValueError(f"input_ids have {len(ids)} positions, roles {n}")
     several = len(row_spans(roles, batch_index)) > 1
     cols = {k: getattr(roles, k)[batch_index].tolist() for k in
-            ("image", "eoi", "image_start", "bos", "pad", "image_index", "grid_t", "grid_row", "grid_col")}
-    frames = {s.image: s.grid[0] for s in roles.spans}
+            ("image", "video", "newline", "eoi", "image_start", "bos", "pad", "image_index", "grid_t", "grid_tile",
+             "grid_row", "grid_col")}
+    span_at = {p: s for s in row_spans(roles, batch_index) for p in range(s.start, s.stop)}
     out = []
     for p in range(n):
         if cols["image"][p]:
+            s = span_at.get(p)
             i = cols["image_index"][p]
-            tag = f"img{i}" if several else "img"
+            tag = ("vid" if cols["video"][p] else "img") + (f"{i}" if several else "")
             rc = f"{cols['grid_row'][p]},{cols['grid_col'][p]}"
-            lab = f"<{tag} {cols['grid_t'][p]},{rc}>" if frames.get(i, 1) > 1 else f"<{tag} {rc}>"
+            if cols["newline"][p]:
+                lab = f"<{tag} nl>"
+            elif cols["grid_row"][p] < 0:
+                lab = f"<{tag} cls>"
+            elif s is not None and s.views:
+                tile = cols["grid_tile"][p]
+                lab = f"<{tag} {'b' if tile == 0 else f't{tile}'} {rc}>"
+            elif s is not None and s.grid[0] > 1:
+                lab = f"<{tag} {cols['grid_t'][p]},{rc}>"
+            else:
+                lab = f"<{tag} {rc}>"
         elif cols["eoi"][p]:
             lab = "<EOI>"
         elif cols["image_start"][p]:

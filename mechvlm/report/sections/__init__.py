@@ -90,6 +90,7 @@ def resolve_analyses(names: Iterable[str] | str | None) -> list[AnalysisSection]
 
 # the built-in sections register themselves on import (one module per analysis)
 from . import logit_lens as _logit_lens  # noqa: E402,F401
+from . import registering as _registering  # noqa: E402,F401
 from . import token_budget as _token_budget  # noqa: E402,F401
 from . import token_categories as _token_categories  # noqa: E402,F401
 from . import token_contribution as _token_contribution  # noqa: E402,F401
