@@ -205,9 +205,11 @@ class StackedKnockouts:
 
 def _stack_batch(relaid: Mapping, n: int) -> dict:
     """``relaid`` repeated ``n`` times along the batch (what a continuation and its roles need:
-    the per-token inputs and the image grids; the pixels were encoded in the prefill)."""
-    keep = (*PER_TOKEN_INPUTS, "image_grid_thw")
-    return {k: v.repeat(n, 1) for k, v in relaid.items() if k in keep and v is not None}
+    the per-token inputs, and per image / video / row what locates the images; the pixels
+    were encoded in the prefill)."""
+    keep = (*PER_TOKEN_INPUTS, "image_grid_thw", "video_grid_thw", "image_sizes", "batch_num_images")
+    return {k: v.repeat(n, *[1] * (v.ndim - 1)) for k, v in relaid.items()
+            if k in keep and isinstance(v, Tensor)}
 
 
 def _unstack(gen: Generation, i: int, rows: int, batch: Mapping) -> Generation:
