@@ -18,7 +18,9 @@ Conditions that cannot say what they touch (``touched`` is None: arbitrary user 
 token removal, edits of the image embeddings), and those touching a position inside the
 prefix, run on their own (`greedy_generate` on the whole prompt): correct by construction.
 So does every condition on a model whose ``forward`` is wrapped (an installed Registering
-mask builds its edits from the prompt a cache was filled with).
+mask builds its edits from the prompt a cache was filled with), and on a batch with videos
+(Qwen2.5-VL's text after a video starts below the video's largest time-scaled position,
+where a KV-cache continuation would start above it).
 
 Layout. Rows of a left-padded batch end their images at different columns; when one
 common column fits every row (all images before it, no touched position before it), the
@@ -269,6 +271,11 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
         # its edits from the prompt a cache was filled with: run each condition on its own
         plan = PrefixPlan(None, [], {k: "the model's forward is wrapped (e.g. an installed Registering mask)"
                                      for k in names})
+    elif share_prefix and len(names) > 1 and batch.get("video_grid_thw") is not None:
+        # Qwen2.5-VL's text after a video starts below the video's largest (time-scaled)
+        # position, and a KV-cache continuation starts above it
+        plan = PrefixPlan(None, [], {k: "the batch holds videos (text positions after a video do not continue "
+                                        "from its largest position)" for k in names})
     elif share_prefix and len(names) > 1:
         roles = model.roles(**batch)
         extra = [k for k, v in batch.items() if k not in PER_TOKEN_INPUTS and isinstance(v, Tensor)

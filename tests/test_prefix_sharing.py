@@ -278,3 +278,32 @@ def test_evaluate_on_shipped_toys_equals_the_condition_by_condition_path(family)
         assert ref[name]["settings"].pop("shared_prefix") is False
         assert got[name] == ref[name], name
     assert got["none"]["accuracy"] > got["text→image:pre_softmax_mask"]["accuracy"]  # the knockout acts
+
+
+# ------------------------------------------------------------- video and LLaVA inputs --
+def test_qwen_video_runs_each_condition_on_its_own(qwen_model):
+    """The text after a video starts below the video's largest (time-scaled) position; a
+    continuation of a prefix ending at the video would start above it (logits off by ~2)."""
+    from test_qwen_video import video_batch
+
+    batch = video_batch([[2, ("video", 2, 4, 4), 3], [4, ("video", 2, 4, 4), 1]], seed=9, seconds=[0.5, 1.0])
+    ref = _one_by_one(qwen_model, batch, CONDITIONS)
+    gens, plan = generate_conditions(qwen_model, batch, CONDITIONS, STEPS, [NEVER], output_logits=True)
+    _assert_same(gens, ref)
+    assert plan.shared == [] and "videos" in plan.fallback["none"]
+
+
+@pytest.mark.parametrize("family, sizes, per_row", [("llava_next", [(10, 60), (50, 50)], False),
+                                                     ("llava_onevision", [(50, 70), (20, 40), (40, 20)], True)])
+def test_llava_anyres_rows_share_the_prefix(family, sizes, per_row):
+    from llava_helpers import llava_batch, make_hf_llava
+
+    hf = make_hf_llava(family)
+    model = HookedVLM.from_hf(hf)
+    rows = [[3, "image", 2], [4, "image", 5]] if len(sizes) == 2 else [[3, "image", 2], [4, "image", "image", 1]]
+    batch = llava_batch(hf, rows, sizes, seed=1, per_row_images=per_row)
+    conds = {k: CONDITIONS[k] for k in ("none", "text→image:pre_softmax_mask", "text→image:post_softmax_zero")}
+    ref = _one_by_one(model, batch, conds)
+    gens, plan = generate_conditions(model, batch, conds, STEPS, [NEVER], output_logits=True)
+    _assert_same(gens, ref)
+    assert plan.stacked == list(conds)
