@@ -269,8 +269,10 @@ class TokenRoles:
         return TokenRoles(**kw, spans=list(self.spans), input_ids=None)  # the generated ids are not known here
 
     def counts(self) -> dict[str, list[int]]:
-        """Tokens per role and row (a quick sanity view)."""
-        return {r: self.mask(r).sum(-1).tolist() for r in ROLE_NAMES}
+        """Tokens per role and row (a quick sanity view; a role the model cannot have counts 0)."""
+        empty = torch.zeros_like(self.image)
+        return {r: (getattr(self, r) if getattr(self, r) is not None else empty).sum(-1).tolist()
+                for r in ROLE_NAMES}
 
 
 def missing_roles(cfg: VLMConfig) -> dict[str, str]:
