@@ -204,3 +204,17 @@ def save_result(path: str | Path, result: dict, write: bool = True) -> None:
         from mechvlm.fileio import write_json
 
         write_json(path, result)
+
+
+def time_before_after(fns: dict, reps: int, device, same) -> dict:
+    """Time ``{"report_before": fn, "report_after": fn}`` in ``reps`` interleaved rounds after
+    one untimed call each, whose outputs ``same(before, after)`` compares. Returns the
+    ``report`` entry of a benchmark result: wall / CPU samples, ``same_table`` and the paired
+    after / before ratios."""
+    outs = {k: fn() for k, fn in fns.items()}
+    same_table = same(outs["report_before"], outs["report_after"])
+    del outs
+    wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, reps, 0, device)
+    return {"wall_ms": wall, "cpu_ms": cpu, "same_table": same_table,
+            "ratio": paired_ratios(wall["report_after"], wall["report_before"]),
+            "cpu_ratio": paired_ratios(cpu["report_after"], cpu["report_before"])}

@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     machine_info,
     paired_ratios,
     save_result,
+    time_before_after,
     time_interleaved,
     write_results_section,
 )
@@ -138,21 +139,24 @@ def contenders(spec, hf, model, batch_size: int, new: int, nocache_max: int, dty
 @contextlib.contextmanager
 def before_issue_14():
     """The code paths `mechvlm report` took before issue 14: greedy generation without a KV
-    cache, batches in item order, post-softmax knockouts through the explicit pattern."""
+    cache (each condition on its own: no shared prefix either), batches in item order,
+    post-softmax knockouts through the explicit pattern."""
     import importlib
 
     from mechvlm.components.attention import Attention
 
     ev = importlib.import_module("mechvlm.mmbench.evaluate")  # the package re-exports a function of that name
+    ps = importlib.import_module("mechvlm.prefix_sharing")
 
-    saved = ev.greedy_generate, ev.length_order, Attention.post_softmax_cuts
-    ev.greedy_generate = functools.partial(saved[0], use_past_kv_cache=False)
+    saved = ps.greedy_generate, ev.generate_conditions, ev.length_order, Attention.post_softmax_cuts
+    ps.greedy_generate = functools.partial(saved[0], use_past_kv_cache=False)
+    ev.generate_conditions = functools.partial(saved[1], share_prefix=False)
     ev.length_order = lambda builder, items: list(range(len(items)))
     Attention.post_softmax_cuts = lambda self: None
     try:
         yield
     finally:
-        ev.greedy_generate, ev.length_order, Attention.post_softmax_cuts = saved
+        ps.greedy_generate, ev.generate_conditions, ev.length_order, Attention.post_softmax_cuts = saved
 
 
 def report_contenders(args, tmp: str) -> dict:
@@ -310,14 +314,10 @@ def main(argv=None) -> dict:
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:
-                fns = report_contenders(args, tmp)
-                outs = {k: fn() for k, fn in fns.items()}
-                same = all(outs["report_before"][c]["accuracy"] == outs["report_after"][c]["accuracy"]
-                           for c in outs["report_after"])
-                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.report_reps, 0, device)
-            result["report"] = {"wall_ms": wall, "cpu_ms": cpu, "same_table": same, "limit": args.report_limit,
-                                "ratio": paired_ratios(wall["report_after"], wall["report_before"]),
-                                "cpu_ratio": paired_ratios(cpu["report_after"], cpu["report_before"])}
+                result["report"] = time_before_after(
+                    report_contenders(args, tmp), args.report_reps, device,
+                    lambda b, a: all(b[c]["accuracy"] == a[c]["accuracy"] for c in a))
+            result["report"]["limit"] = args.report_limit
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(result)
     print("\n" + text)

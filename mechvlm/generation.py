@@ -170,7 +170,7 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
              top_k: int | None = None, top_p: float | None = None, freq_penalty: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
              pad_token_id: int | None = None, output_logits: bool = False, use_past_kv_cache: bool = True,
-             progress: bool = False) -> Generation:
+             progress: bool = False, past_kv_cache: VLMKeyValueCache | None = None) -> Generation:
     """Decode up to ``max_new_tokens`` tokens per row, greedily or by sampling.
 
     Args:
@@ -190,6 +190,12 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
         output_logits: keep the fp32 logits of every step in `Generation.logits`.
         use_past_kv_cache: False reruns the whole sequence every step (the reference).
         progress: a tqdm bar over the steps.
+        past_kv_cache: a cache already holding the first ``past_kv_cache.length`` columns of
+            ``batch`` (prefilled by the caller: a prefix several conditions share,
+            `mechvlm.prefix_sharing`). The first step runs the rest of the prompt over it;
+            the cache grows in place. Hooks see those columns as a continuation; callable
+            hooks get the whole ``batch`` and its roles. Without it, the prompt is prefilled
+            into a new cache.
 
     Returns:
         a `Generation`; greedy ``sequences`` equal HF ``generate(do_sample=False)``'s.
@@ -205,7 +211,14 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device=device, dtype=ids.dtype)
-    check_left_padded(mask)
+    done = 0 if past_kv_cache is None else past_kv_cache.length
+    if done:
+        if not use_past_kv_cache:
+            raise ValueError("past_kv_cache needs use_past_kv_cache=True")
+        if done >= ids.shape[1] or not torch.equal(past_kv_cache.input_ids.to(device), ids[:, :done]):
+            raise ValueError(f"past_kv_cache must hold the first columns of batch's input_ids and leave at least "
+                             f"one to run: it holds {done} columns, the prompt has {ids.shape[1]}, or they differ")
+    check_left_padded(mask[:, done:])
     per_token = {k: batch[k].to(device) for k in _PER_TOKEN_INPUTS if batch.get(k) is not None}
     fixed = {k: v for k, v in batch.items()
              if k not in ("input_ids", "attention_mask") and k not in _PER_TOKEN_INPUTS and v is not None}
@@ -216,7 +229,7 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
     step_logits = []
     cache, spans = None, None
     if use_past_kv_cache:
-        cache = VLMKeyValueCache.init_cache(model.cfg, device, ids.shape[0])
+        cache = past_kv_cache if past_kv_cache is not None else VLMKeyValueCache.init_cache(model.cfg, device, ids.shape[0])
         cache.reserve(prompt_length + max_new_tokens)
         cache.allow_image_token_ids = True  # a generated placeholder id is a text token, as in HF
     elif "image_embeds" not in fixed and "video_embeds" not in fixed:
@@ -248,6 +261,8 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
                     hooks = user_hooks(fwd_hooks, full, roles)
                 if cache is None:
                     inputs = full
+                elif step == 0 and done:  # the rest of the prompt over the given prefix
+                    inputs = {"input_ids": ids[:, done:], "attention_mask": mask[:, done:], "past_kv_cache": cache}
                 elif step == 0:
                     inputs = dict(full, past_kv_cache=cache)
                 else:
@@ -280,7 +295,8 @@ def generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable
 def greedy_generate(model, batch: Mapping, max_new_tokens: int, eos_token_ids: Iterable[int] | int,
                     fwd_hooks: FwdHooks = None, *, pad_token_id: int | None = None,
                     output_logits: bool = False, use_past_kv_cache: bool = True,
-                    progress: bool = False) -> Generation:
+                    progress: bool = False, past_kv_cache: VLMKeyValueCache | None = None) -> Generation:
     """Greedy decoding (HF ``generate(do_sample=False)``): `generate` with ``do_sample=False``."""
     return generate(model, batch, max_new_tokens, eos_token_ids, fwd_hooks, pad_token_id=pad_token_id,
-                    output_logits=output_logits, use_past_kv_cache=use_past_kv_cache, progress=progress)
+                    output_logits=output_logits, use_past_kv_cache=use_past_kv_cache, progress=progress,
+                    past_kv_cache=past_kv_cache)

@@ -30,12 +30,12 @@ CONDITIONS = ("none", "text→image:pre_softmax_mask")
 LIMIT, BATCH = 10, 2  # 5 batches per loop: 2 metric loops + 2 conditions = 20 units
 SLOWED_CLI = """
 import importlib, sys, time
-evaluate = importlib.import_module("mechvlm.mmbench.evaluate")
-generate = evaluate.greedy_generate
+sharing = importlib.import_module("mechvlm.prefix_sharing")  # where evaluate's generation runs
+generate = sharing.greedy_generate
 def slowed(*args, **kwargs):
     time.sleep(0.3)
     return generate(*args, **kwargs)
-evaluate.greedy_generate = slowed
+sharing.greedy_generate = slowed
 from mechvlm.cli import main
 sys.exit(main(sys.argv[1:]))
 """

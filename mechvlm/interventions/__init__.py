@@ -5,7 +5,7 @@ via ``model.hooks(...)``). Hooks fire in list order at a given hook point.
 """
 
 from mechvlm.interventions.activations import ablate_heads, mean_head_outputs, patch_activations, skip_sublayers
-from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout
+from mechvlm.interventions.attention import KNOCKOUT_MODES, knockout, knockout_reach
 from mechvlm.interventions.by_row import ablate_head_outputs, ablate_image_kv, replace_where
 from mechvlm.interventions.masks import gist_mask, mitre_mask
 from mechvlm.interventions.injection import inject_at_layer
@@ -22,6 +22,7 @@ __all__ = [
     "inject_at_layer",
     "insert_registers",
     "knockout",
+    "knockout_reach",
     "mask_image_keys",
     "mean_head_outputs",
     "mitre_mask",

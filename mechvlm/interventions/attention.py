@@ -72,6 +72,21 @@ class PairCut(PostSoftmaxCut):
         return mask & ~self.cut(mask.shape[0], hook.n_heads, mask.shape[-2], mask.shape[-1], mask.device, hook.name)
 
 
+def knockout_reach(roles: TokenRoles, query: RoleSpec = "text", key: RoleSpec = "image") -> Bool[Tensor, "batch pos"]:
+    """``[batch, pos]``: the queries whose attention `knockout(roles, query, key)` can change
+    (in some layer and head): the ``query`` tokens that see a ``key`` token, at an earlier or
+    the same position, or anywhere in the same image (Gemma3 attends within an image
+    bidirectionally; counted for Qwen too, which only makes the reach larger). A knockout
+    changes nothing at the positions before a row's first such query (attention is causal),
+    which is what lets several conditions share that prefix (`mechvlm.prefix_sharing`)."""
+    q, k = roles.mask(query), roles.mask(key)
+    sees = k.cumsum(-1) > 0
+    for s in roles.spans:
+        if bool(k[s.row, s.start:s.stop].any()):
+            sees[s.row, s.start:s.stop] = True
+    return q & sees
+
+
 def knockout(
     roles: TokenRoles,
     query: RoleSpec = "text",

@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from mechvlm.interventions import knockout
+import torch
+from torch import Tensor
+
+from mechvlm.interventions import knockout, knockout_reach
 
 #: The column order of seed 000 Table 1.
 DIRECTIONS = ("none", "text→image", "text→EOI")
@@ -36,6 +39,11 @@ class Condition:
     ``(model, batch) -> (batch, fwd_hooks)``: called once per batch before generating, it
     may rewrite the batch (e.g. remove tokens) and compute what its hooks need with the
     model (see `setup`).
+
+    ``touches`` (optional, for custom ``hooks``) is ``(roles) -> Bool[batch, pos]``: the
+    positions whose activations the hooks edit directly (see `touched`). Declared, the
+    condition can share a prefill with others (`mechvlm.prefix_sharing`); undeclared,
+    custom hooks run on their own.
     """
 
     name: str
@@ -45,6 +53,7 @@ class Condition:
     query: str = "text"
     hooks: Callable | None = None
     prepare: Callable | None = None
+    touches: Callable | None = None
 
     def __call__(self, batch, roles) -> list:
         if self.hooks is not None:
@@ -59,6 +68,20 @@ class Condition:
         if self.prepare is None:
             return batch, self
         return self.prepare(model, batch)
+
+    def touched(self, roles) -> Tensor | None:
+        """``[batch, pos]`` bool: the positions whose activations this condition's hooks edit
+        directly (a knockout: the ``query`` tokens that see a ``key`` token,
+        `knockout_reach`); every position before a row's first one computes as without the
+        condition. None when it cannot say (custom ``hooks`` without ``touches``, or a
+        ``prepare`` step, which may rewrite the batch): `evaluate` then runs it on its own."""
+        if self.prepare is not None:
+            return None
+        if self.hooks is not None:
+            return None if self.touches is None else self.touches(roles)
+        if self.key is None:
+            return torch.zeros(roles.shape, dtype=torch.bool)
+        return knockout_reach(roles, self.query, self.key)
 
     def describe(self) -> dict:
         """JSON-friendly description (stored with the results)."""

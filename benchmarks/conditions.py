@@ -1,0 +1,241 @@
+"""Table 1's five conditions from one prefill (`mechvlm.prefix_sharing`), against one condition
+and against five separate runs.
+
+Contenders, on the same weights (Qwen2.5-VL-3B-shaped, ``--layers`` layers, one image of
+``--image-tokens`` tokens between 16 and 48 text tokens; random seeded weights), greedy, no
+stop token, ``--new-tokens`` new tokens per row:
+    five_shared   `generate_conditions` over the five conditions of `CONDITIONS` (none,
+                  text->image and text->EOI, each pre_softmax_mask and post_softmax_zero):
+                  the prefix up to the first text token after the image prefilled once,
+                  the KV cache forked per condition
+    five_apart    the same five, each on its own (``share_prefix=False``: the path before issue 21)
+    one           one condition on its own (text->image pre_softmax_mask, `greedy_generate`)
+    one_aa        the same again: an A/A control (its ratio to ``one`` is the noise floor)
+    hf_five       five HF ``generate(do_sample=False)`` runs (sdpa): no knockout, and four
+                  knockouts as SDPA mask edits (text->image, text->EOI; HF has no post-softmax
+                  zeroing without eager attention, so both readings run the mask edit, which
+                  is the cheaper of the two)
+and ``mechvlm report`` on both shipped toys, before (``share_prefix=False``) and after.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/conditions.py            # default: a short run
+    .venv/bin/python benchmarks/conditions.py --quick --no-write          # tiny model: a smoke test
+    .venv/bin/python benchmarks/conditions.py --device cuda --dtype bfloat16 --layers 36 --batches 8 \\
+        --new-tokens 4,16 --no-write                                       # on a GPU
+
+Method: one process; per (batch, new tokens) every contender once (warm-up; its outputs
+give the correctness column: each shared condition's tokens == its own run's, and none /
+text->image == HF), then ``--reps`` rounds in a new seeded random order each
+(`_common.time_interleaved`); ratios are the median (min-max) of per-round paired ratios,
+wall and process CPU time. Writes ``conditions.json`` and the ``conditions`` section of
+``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE), str(HERE.parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+import _peers as P  # noqa: E402
+from _common import (  # noqa: E402
+    machine_info,
+    paired_ratios,
+    save_result,
+    time_before_after,
+    time_interleaved,
+    write_results_section,
+)
+from generation import DTYPES, NEVER, HFMaskKnockout, build  # noqa: E402
+
+ONE = "text→image:pre_softmax_mask"
+PAIRS = [("five_shared", "one"), ("five_shared", "five_apart"), ("five_shared", "hf_five"),
+         ("five_apart", "one"), ("one_aa", "one")]
+TARGET = ("five_shared", "one", 1.6)
+
+
+def contenders(spec, hf, model, batch_size: int, new: int, dtype, device):
+    from mechvlm.generation import greedy_generate
+    from mechvlm.mmbench.conditions import CONDITIONS
+    from mechvlm.prefix_sharing import generate_conditions
+
+    inp = P.make_inputs(spec.with_(batch=batch_size), hf.config, dtype, device)
+    mech, kw = inp.mech, {k: v for k, v in inp.hf.items() if k not in ("logits_to_keep", "use_cache")}
+    roles = model.roles(**mech)
+    hf_image = HFMaskKnockout(roles.text.cpu(), roles.image.cpu()).model(hf)
+    gen = dict(max_new_tokens=new, do_sample=False, eos_token_id=NEVER, pad_token_id=0)
+
+    def hf_five():
+        outs = [hf.generate(**kw, **gen)]
+        for key in (roles.image, roles.eoi, roles.image, roles.eoi):
+            outs.append(HFMaskKnockout(roles.text.cpu(), key.cpu()).model(hf).generate(**kw, **gen))
+        return outs
+
+    def five(share):
+        return {k: g.sequences for k, g in generate_conditions(model, mech, CONDITIONS, new, NEVER,
+                                                               share_prefix=share)[0].items()}
+
+    fns = {
+        "five_shared": functools.partial(five, True),
+        "five_apart": functools.partial(five, False),
+        "one": lambda: greedy_generate(model, mech, new, NEVER, fwd_hooks=CONDITIONS[ONE]).sequences,
+        "one_aa": lambda: greedy_generate(model, mech, new, NEVER, fwd_hooks=CONDITIONS[ONE]).sequences,
+        "hf_five": hf_five,
+    }
+    checks = {"hf_none": lambda: hf.generate(**kw, **gen), "hf_image": lambda: hf_image.generate(**kw, **gen)}
+    return fns, checks, inp.n_tokens
+
+
+@contextlib.contextmanager
+def before_issue_21():
+    """`mmbench.evaluate` with every condition on its own (the path before issue 21)."""
+    ev = importlib.import_module("mechvlm.mmbench.evaluate")  # the package re-exports a function of that name
+    saved = ev.generate_conditions
+    ev.generate_conditions = functools.partial(saved, share_prefix=False)
+    try:
+        yield
+    finally:
+        ev.generate_conditions = saved
+
+
+def report_contenders(limit: int | None, tmp: str) -> dict:
+    from mechvlm.report.run import ReportConfig, run_report
+
+    def run(tag):
+        cfg = ReportConfig(out=os.path.join(tmp, tag), progress=False, limit=limit, overwrite=True)
+        with before_issue_21() if tag == "before" else contextlib.nullcontext():
+            return run_report(cfg)
+    return {"report_before": functools.partial(run, "before"), "report_after": functools.partial(run, "after")}
+
+
+def _tables(report: dict) -> list:
+    """The Table-1 accuracies of every model of a `run_report` result."""
+    return [{c: s["accuracy"] for c, s in m["knockout"].items()} for m in report["models"]]
+
+
+def _fmt(r: dict | None) -> str:
+    return "-" if r is None else f"{r['median_of_paired_ratios']:.3f} ({r['paired_ratio_min']:.2f}-{r['paired_ratio_max']:.2f})"
+
+
+def markdown(result: dict) -> str:
+    m, st = result["machine"], result["setup"]
+    lines = ["## Table 1's five conditions from one prefill (`benchmarks/conditions.py`)", "",
+             f"Qwen2.5-VL-3B-shaped, {st['layers']} layers, {st['n_tokens']} prompt tokens ({st['image_tokens']} "
+             f"image), {st['device']} {st['dtype']}, {m['torch_threads']} thread(s), {st['reps']} interleaved "
+             f"rounds per cell; load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at "
+             f"end: **a short run on a machine shared with other jobs** (trust the paired ratios, not the "
+             f"absolute times); {m['date']}, mechvlm {m.get('mechvlm_git')}."
+             + (" **--quick: tiny model, not a result.**" if st["quick"] else ""), "",
+             "five_shared = the five conditions of Table 1 with the prefix prefilled once and the five "
+             "continued side by side along the batch from it (the KV cache rows repeated); five_apart = the five, each on its own; one = one knockout condition; "
+             "hf_five = five HF `generate` runs (no knockout + four SDPA-mask knockouts). Times are whole "
+             "calls (prefill + all new tokens of all conditions).", "",
+             "| batch | new tokens | contender | ms median (min-max) | ratio | wall, paired | CPU time, paired |",
+             "|---|---|---|---|---|---|---|"]
+    for cell in result["cells"]:
+        for name, w in cell["wall_ms"].items():
+            lines.append(f"| {cell['batch']} | {cell['new']} | {name} | {statistics.median(w):.0f} "
+                         f"({min(w):.0f}-{max(w):.0f}) | | | |")
+        for a, b in PAIRS:
+            key = f"{a}/{b}"
+            lines.append(f"| {cell['batch']} | {cell['new']} | | | {key} | {_fmt(cell['ratios'].get(key))} | "
+                         f"{_fmt(cell['cpu_ratios'].get(key))} |")
+        lines.append(f"| {cell['batch']} | {cell['new']} | same tokens | | {cell['correct']} | | |")
+    lines += ["", f"Target: five_shared <= {TARGET[2]}x one (median of paired ratios, wall; CPU time in brackets).", ""]
+    for t in result["targets"]:
+        lines.append(f"- batch {t['batch']}, {t['new']} new tokens: {t['value']:.3f} (CPU time {t['cpu_value']:.3f}): "
+                     f"{'met' if t['met'] else '**missed**'}")
+    rep = result.get("report")
+    if rep:
+        b, a = rep["wall_ms"]["report_before"], rep["wall_ms"]["report_after"]
+        lines += ["", f"`mechvlm report` on both shipped toys ({rep['limit'] or 'all'} items, every condition, "
+                  f"the whole report: metrics, Table 1, figures), {len(a)} interleaved rounds: before "
+                  f"{statistics.median(b) / 1e3:.1f} s ({min(b) / 1e3:.1f}-{max(b) / 1e3:.1f}), after "
+                  f"{statistics.median(a) / 1e3:.1f} s ({min(a) / 1e3:.1f}-{max(a) / 1e3:.1f}); after / before "
+                  f"{_fmt(rep['ratio'])}, CPU time {_fmt(rep['cpu_ratio'])}; same Table 1: {rep['same_table']}. "
+                  "Before = every condition on its own (`share_prefix=False`)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model, 1 round: a smoke test")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--image-tokens", type=int, default=None, help="default 256 (--quick: 16)")
+    ap.add_argument("--batches", default=None, help="default 2 (--quick: 2)")
+    ap.add_argument("--new-tokens", default=None, help="default 2 (--quick: 2)")
+    ap.add_argument("--reps", type=int, default=None, help="default 3 (--quick: 1)")
+    ap.add_argument("--report-reps", type=int, default=2, help="rounds of the report before/after (0: skip)")
+    ap.add_argument("--report-limit", type=int, default=32, help="first N items of the shipped TSV")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
+    ap.add_argument("--json", default=str(HERE / "conditions.json"))
+    ap.add_argument("--no-write", action="store_true", help="print only (no JSON, no RESULTS.md)")
+    args = ap.parse_args(argv)
+    for name, full, quick in (("image_tokens", 256, 16), ("batches", "2", "2"), ("new_tokens", "4", "2"),
+                              ("reps", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.quick:
+        args.report_reps, args.report_limit = min(args.report_reps, 1), min(args.report_limit, 4)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    result = {"machine": machine_info(device), "cells": [], "targets": []}
+    args.family = "qwen"
+    spec, hf, model = build(args)
+    result["setup"] = {"layers": args.layers, "image_tokens": args.image_tokens, "device": args.device,
+                       "dtype": args.dtype, "reps": args.reps, "quick": args.quick}
+    with torch.inference_mode():
+        for batch in [int(x) for x in args.batches.split(",")]:
+            for new in [int(x) for x in args.new_tokens.split(",")]:
+                fns, checks, n_tokens = contenders(spec, hf, model, batch, new, dtype, device)
+                result["setup"]["n_tokens"] = n_tokens
+                print(f"[batch {batch}, {new} new tokens, {n_tokens} prompt tokens]", flush=True)
+                shared, apart = fns["five_shared"](), fns["five_apart"]()
+                correct = {"shared == apart": all(torch.equal(shared[k], apart[k]) for k in apart),
+                           "none == hf": torch.equal(shared["none"].cpu(), checks["hf_none"]().cpu()),
+                           "text→image == hf": torch.equal(shared[ONE].cpu(), checks["hf_image"]().cpu())}
+                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.reps, 1, device,
+                                             collect=not args.quick)
+                cell = {"batch": batch, "new": new, "wall_ms": wall, "cpu_ms": cpu, "correct": correct,
+                        "ratios": {f"{a}/{b}": paired_ratios(wall[a], wall[b]) for a, b in PAIRS},
+                        "cpu_ratios": {f"{a}/{b}": paired_ratios(cpu[a], cpu[b]) for a, b in PAIRS}}
+                result["cells"].append(cell)
+                v = cell["ratios"]["five_shared/one"]["median_of_paired_ratios"]
+                result["targets"].append({"batch": batch, "new": new, "value": v, "limit": TARGET[2],
+                                          "cpu_value": cell["cpu_ratios"]["five_shared/one"]["median_of_paired_ratios"],
+                                          "met": v <= TARGET[2]})
+                save_result(args.json, result, not args.no_write)
+        del hf, model
+        if args.report_reps:
+            with tempfile.TemporaryDirectory() as tmp:
+                result["report"] = time_before_after(report_contenders(args.report_limit, tmp), args.report_reps,
+                                                     device, lambda b, a: _tables(b) == _tables(a))
+            result["report"]["limit"] = args.report_limit
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    text = markdown(result)
+    print("\n" + text)
+    save_result(args.json, result, not args.no_write)
+    if not args.no_write:
+        write_results_section(HERE / "RESULTS.md", "conditions", text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
