@@ -6,10 +6,8 @@ original HF weights; the vision tower (+ merger / projector) is the HF module, f
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -17,21 +15,18 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 
-from mechvlm.cache import IMAGE_EMBEDS, VLMActivationCache
+from mechvlm.checked_hooks import CheckedHooksMixin
 from mechvlm.components import AttentionMask, Embed, Unembed
 from mechvlm.config import VLMConfig
 from mechvlm.fold_ln import process_weights_
 from mechvlm.forward_args import forward_arguments
-from mechvlm.hook_points import HookPoint, UnknownHookError, check_hook_list, unknown_hook_error
-from mechvlm.image_layout import kept_feature_index
+from mechvlm.hook_points import HookPoint
 from mechvlm.kv_cache import VLMKeyValueCache, check_cached_forward, keeps_positions
 from mechvlm.models import family_for
 from mechvlm.models.base import (
     VISUAL_INPUTS,
     ModelFamily,
     PreparedInputs,
-    VisualInput,
-    check_image_embeds,
     check_input_ids,
     padding_from_attention_mask,
 )
@@ -40,6 +35,7 @@ from mechvlm.placement import check_placement_arguments, place_as_asked
 from mechvlm.return_types import check_return_type, forward_output
 from mechvlm.roles import TokenRoles, compute_roles, records_batch
 from mechvlm.tokens import TokenizerMixin
+from mechvlm.visual_features import VisualFeaturesMixin
 from mechvlm.weights import WeightsMixin
 
 
@@ -68,7 +64,8 @@ def _without_module_hooks(module: nn.Module) -> nn.Module:
     return module
 
 
-class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModule):
+class HookedVLM(CheckedHooksMixin, VisualFeaturesMixin, TokenizerMixin, WeightsMixin, OptionalHooksMixin,
+                HookedRootModule):
     """Hooked language backbone of a vision-language model.
 
     Build it with `HookedVLM.from_pretrained` (hub id or local HF directory) or
@@ -411,78 +408,6 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                              f"{(*input_ids.shape, self.cfg.d_model)}")
         return resid.to(self.device)
 
-    def _embed(self, inputs: PreparedInputs, given: dict[str, Tensor | None], offset: int = 0) -> Tensor:
-        """Token embeddings with the image (and video) features scattered in (``hook_embed``'s
-        input); ``given``: precomputed features per modality (None: run the tower);
-        ``offset``: positions already in the KV cache."""
-        ids = inputs.input_ids
-        n_ctx = self.cfg.n_ctx
-        if n_ctx is not None and offset + ids.shape[1] > n_ctx and not self._warned_n_ctx:
-            self._warned_n_ctx = True
-            warnings.warn(f"the input has {offset + ids.shape[1]} positions, more than the model's "
-                          f"max_position_embeddings = {n_ctx}: results past that length are "
-                          "extrapolated (warned once per model)", stacklevel=3)
-        if self.cfg.image_token_id is not None and self.cfg.image_token_id >= self.cfg.d_vocab:
-            ids = ids.masked_fill(ids == self.cfg.image_token_id, 0)  # as HF: an out-of-vocab placeholder
-        x = self.embed(ids)
-        given = dict(given)
-        for vis in inputs.visual:
-            x = self._scatter(x, inputs, vis, given.pop(vis.modality, None))
-        for modality, embeds in given.items():
-            if embeds is not None:  # raises: nothing to fill
-                check_image_embeds(embeds, 0, self.cfg.d_model, x.device, what=modality)
-        return self.hook_embed(x)
-
-    def _scatter(self, x: Tensor, inputs: PreparedInputs, vis: VisualInput, given: Tensor | None) -> Tensor:
-        """``x`` with one modality's features (computed unless given) in its placeholders;
-        when ``image_cells`` removed tokens, the hooked whole-image features are then
-        narrowed to the kept cells."""
-        hook = getattr(self, f"hook_{vis.modality}_embeds")
-        if given is None:
-            feats = self._encode(vis.encoder_kwargs).to(x.dtype)
-        else:  # the whole images' features, also when image_cells keep only some cells
-            check_image_embeds(given, vis.n_features, self.cfg.d_model, x.device, what=vis.modality)
-            feats = given.to(x.dtype)
-            if feats is given and hook.is_observed():
-                feats = feats.clone()  # a hook's in-place edit must not reach the caller's tensor
-        feats = hook(feats)
-        spans = [s for s in inputs.spans if s.modality == vis.modality]
-        if any(s.cells is not None for s in spans):
-            feats = feats[kept_feature_index(spans, feats.shape[0]).to(feats.device)]
-        input_ids = inputs.input_ids
-        mask = (input_ids == vis.token_id).unsqueeze(-1)
-        if feats.numel() != int(mask.sum()) * x.shape[-1]:
-            raise ValueError(f"{vis.modality} features hold {feats.numel() // x.shape[-1]} token vectors but the "
-                             f"input has {int(mask.sum())} {vis.modality} tokens")
-        return x.masked_scatter(mask, feats)
-
-    def _encode(self, encoder_kwargs: dict) -> Tensor:
-        if self.vision is None:
-            raise RuntimeError("this HookedVLM has no vision encoder")
-        return self.vision(**{k: v.to(self.device) if isinstance(v, Tensor) else v
-                              for k, v in encoder_kwargs.items()})
-
-    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **visual) -> Tensor:
-        """The vision encoder's output (HF's tower and projector): one ``d_model`` vector per
-        image token, in the order the image tokens appear. ``visual``: ``image_sizes`` /
-        ``batch_num_images`` for LLaVA-NeXT / OneVision."""
-        kwargs = {"pixel_values": pixel_values, **{k: v for k, v in visual.items() if v is not None}}
-        if image_grid_thw is not None:
-            kwargs["image_grid_thw"] = image_grid_thw
-        return self._encode(kwargs)
-
-    def visual_embeds(self, input_ids: Tensor, pixel_values: Tensor | None = None,
-                      image_grid_thw: Tensor | None = None, attention_mask: Tensor | None = None,
-                      **batch) -> dict[str, Tensor]:
-        """The vision features of a batch, ``{"image_embeds": ..., "video_embeds": ...}`` for the
-        modalities present: pass them back to ``forward`` (with the same batch) to skip the
-        vision tower, e.g. at every generation step. With ``image_cells`` the features are
-        still those of the whole images (what ``forward`` takes)."""
-        visual = {k: batch[k] for k in VISUAL_INPUTS if batch.get(k) is not None}
-        inputs = self.prepare_inputs(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                     batch.get("token_type_ids"), batch.get("image_cells"), **visual)
-        return {f"{vis.modality}_embeds": self._encode(vis.encoder_kwargs) for vis in inputs.visual}
-
     @torch.no_grad()
     def generate(self, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
                  eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
@@ -499,74 +424,3 @@ class HookedVLM(TokenizerMixin, WeightsMixin, OptionalHooksMixin, HookedRootModu
                            temperature, freq_penalty, use_past_kv_cache=use_past_kv_cache,
                            prepend_bos=prepend_bos, padding_side=padding_side, return_type=return_type,
                            verbose=verbose, **kwargs)
-
-    # ------------------------------------------------------------------ hooks / cache --
-    def _check_hook_name(self, name: str | Callable) -> None:
-        if isinstance(name, str):
-            if name not in self.hook_dict:
-                raise unknown_hook_error(name, self.hook_dict)
-        elif callable(name):
-            if not any(name(n) for n in self.hook_dict):
-                raise UnknownHookError(f"the hook-name filter {name!r} matches no hook point")
-        else:
-            raise TypeError(f"a hook name must be a str or a callable filter, got {type(name).__name__}")
-
-    def _enable_hook(self, name, hook, dir):
-        self._check_hook_name(name)
-        super()._enable_hook(name, hook, dir)
-
-    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
-        """As TransformerLens, except that a temporary hook added inside a ``hooks()`` /
-        ``run_with_hooks`` / ``run_with_cache`` context (e.g. by another hook) belongs to
-        that context and is removed when it exits."""
-        self._check_hook_name(name)
-        if level is None and not is_permanent and self.context_level > 0:
-            level = self.context_level
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-    @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
-        """TransformerLens' ``hooks()`` context; ``fwd_hooks`` / ``bwd_hooks`` must be lists of
-        ``(hook_name_or_filter, fn)`` pairs (a `TypeError` says so otherwise)."""
-        fwd_hooks = check_hook_list(fwd_hooks, "fwd_hooks")
-        bwd_hooks = check_hook_list(bwd_hooks, "bwd_hooks")
-        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as model:
-            yield model
-
-    def get_caching_hooks(self, names_filter=None, *args, **kwargs):
-        if isinstance(names_filter, str):
-            self._check_hook_name(names_filter)
-        elif isinstance(names_filter, (list, tuple)):
-            for n in names_filter:
-                self._check_hook_name(n)
-            names_filter = list(names_filter)
-        elif names_filter is not None:
-            self._check_hook_name(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
-    def run_with_cache(self, *model_args, return_cache_object: bool = True, **kwargs):
-        """As TransformerLens: returns ``(output, cache)``; the cache is a `VLMActivationCache`
-        (TL's ``ActivationCache``: ``cache["pattern", l]``, ``stack_activation``,
-        ``accumulated_resid``, ..., plus the image-token rows of ``hook_image_embeds``).
-        ``incl_bwd=True`` needs a scalar output (``return_type="loss"``)."""
-        rows: list[Tensor] = []
-        n_rows: list[int] = []
-
-        def image_rows(ids, hook):
-            n_rows.append(ids.shape[0])
-            if self.cfg.image_token_id is not None:
-                rows.append((ids == self.cfg.image_token_id).nonzero()[:, 0].cpu())
-
-        if kwargs.get("remove_batch_dim") and model_args and isinstance(model_args[0], Mapping):
-            n = model_args[0]["input_ids"].shape[0]
-            assert n == 1, f"Cannot remove batch dimension from cache with batch size {n}"
-        with self.hooks(fwd_hooks=[("hook_tokens", image_rows)]):
-            out, cache_dict = super().run_with_cache(*model_args, **kwargs)
-        embeds = cache_dict.get(IMAGE_EMBEDS)
-        if embeds is not None and embeds.ndim == 1:  # remove_batch_dim took a lone image token for a batch
-            cache_dict[IMAGE_EMBEDS] = embeds[None]
-        if return_cache_object:
-            return out, VLMActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False),
-                                           image_token_rows=rows[0] if rows and embeds is not None else None,
-                                           batch_size=n_rows[0] if n_rows and not kwargs.get("remove_batch_dim") else None)
-        return out, cache_dict
