@@ -30,6 +30,34 @@ def test_generation_benchmark_quick():
 
 
 @pytest.mark.slow
+def test_report_before_issue_14_runs_without_the_cache_and_gives_the_same_table(monkeypatch):
+    """The report's "before" contender really takes the old paths (no KV cache, no shared
+    prefix: every generation step gets no ``past_kv_cache``) and its Table 1 equals today's."""
+    import tempfile
+
+    import mechvlm.generation as generation
+
+    bench = _import("generation")
+    seen = []
+    real = generation.generate
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("use_past_kv_cache", True), kwargs.get("past_kv_cache") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    args = bench.argparse.Namespace(report_limit=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = bench.report_contenders(args, tmp)
+        before = fns["report_before"]()
+        assert seen and all(not cached and not prefilled for cached, prefilled in seen)
+        seen.clear()
+        after = fns["report_after"]()
+    assert any(prefilled for _, prefilled in seen)  # today's path shares the prefill
+    assert {c: before[c]["accuracy"] for c in before} == {c: after[c]["accuracy"] for c in after}
+
+
+@pytest.mark.slow
 def test_post_softmax_benchmark_quick(capsys):
     bench = _import("post_softmax_knockout")
     result = bench.main(["--quick", "--no-write", "--only", "time"])

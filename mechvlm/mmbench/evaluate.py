@@ -108,6 +108,7 @@ def _evaluate(model, builder, items: list, conds: Mapping[str, Condition], tasks
               share_prefix: bool) -> dict[str, dict]:
     order = length_order(builder, items)
     groups = [order[s:s + batch_size] for s in range(0, len(items), batch_size)]
+
     def run_batch(where: list[int]) -> dict[str, list[dict]]:
         chunk = [items[i] for i in where]
         batch = builder([mmbench_prompt(it) for it in chunk], [_images(it) for it in chunk])
