@@ -19,8 +19,6 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import torch
-
 from mechvlm.analyses.image_kv import ImageKV, feature_name
 from mechvlm.fileio import write_bytes, write_json
 
