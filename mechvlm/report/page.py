@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import warnings
 
-
 from ..viz import Page, fig_attention_share, fig_received_attention, fig_table1, figure_to_img_html
 from ..viz.layout import measure_layout
 from ..viz.text import plain
