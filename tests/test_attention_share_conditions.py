@@ -16,8 +16,7 @@ from conftest import qwen_batch
 from mechvlm.interventions import knockout, knockout_reach
 from mechvlm.interventions._common import pattern_query_range
 from mechvlm.kv_cache import VLMKeyValueCache
-from mechvlm.metrics import QueryAttention, attention_share
-from mechvlm.metrics.attention_share_conditions import attention_share_conditions
+from mechvlm.metrics import QueryAttention, attention_share, attention_share_conditions
 from mechvlm.mmbench import CONDITIONS, Condition
 from test_prefix_sharing import QWEN_ROWS, _gemma, _gemma_batch, _present
 

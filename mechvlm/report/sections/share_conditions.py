@@ -5,7 +5,7 @@ removes what it says: the image bar vanishes under text->image, the EOI bar unde
 
 from __future__ import annotations
 
-from ...metrics.attention_share_conditions import attention_share_conditions
+from ...metrics import attention_share_conditions
 from . import AnalysisSection, ReportContext, register_analysis
 
 
