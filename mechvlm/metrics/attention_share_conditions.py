@@ -64,7 +64,7 @@ class ConditionsAttentionShare:
 
 
 def _part(qa: QueryAttention, layers: list[int], rows: slice | None = None) -> Tensor:
-    raw = torch.stack([qa.results[l] for l in layers], dim=1).cpu()  # [batch, layer, head, key]
+    raw = torch.stack([qa.results[l].cpu() for l in layers], dim=1)  # [batch, layer, head, key], any devices
     return raw if rows is None else raw[rows]
 
 
