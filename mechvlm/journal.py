@@ -121,15 +121,23 @@ class JournalTask:
     def __init__(self, journal: "Journal", name: str, per_row: bool):
         self.journal, self.name, self.per_row = journal, name, per_row
 
-    def get(self, unit: int, fingerprint: str):
-        """The unit's recorded result, or None when it is not (completely) recorded."""
+    def has(self, unit: int, fingerprint: str) -> bool:
+        """Whether the unit is completely recorded, for these inputs (not counted as read
+        back); recorded for other inputs raises `ResumeRefused`."""
         rec = self.journal._done.get((self.name, unit))
         if rec is None or len(rec["rows"]) != rec["n"]:
-            return None
+            return False
         if rec["fp"] != fingerprint:
             raise ResumeRefused(f"{self.journal.folder}: unit {unit} of {self.name!r} was recorded for other inputs "
                                 "(its content changed although the run's fingerprints match); start again "
                                 "without resume")
+        return True
+
+    def get(self, unit: int, fingerprint: str):
+        """The unit's recorded result, or None when it is not (completely) recorded."""
+        if not self.has(unit, fingerprint):
+            return None
+        rec = self.journal._done[(self.name, unit)]
         self.journal.reused += 1
         rows = [decode(rec["rows"][k]) for k in range(rec["n"])]
         return rows if self.per_row else rows[0]

@@ -7,6 +7,10 @@ without the knockout), and the prefill is counted (the images are encoded once).
 
 from __future__ import annotations
 
+import collections
+import importlib
+import json
+
 import pytest
 import torch
 
@@ -307,3 +311,61 @@ def test_llava_anyres_rows_share_the_prefix(family, sizes, per_row):
     gens, plan = generate_conditions(model, batch, conds, STEPS, [NEVER], output_logits=True)
     _assert_same(gens, ref)
     assert plan.stacked == list(conds)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_evaluate_resumes_a_batch_journaled_for_only_some_conditions(tmp_path, monkeypatch):
+    """A run killed between two conditions' writes of one shared batch: the resumed run
+    recomputes that batch, appends only what is missing, and gives the uninterrupted result."""
+    from mechvlm.journal import Journal, JournalTask
+    from mechvlm.mmbench import evaluate, load_mmbench
+    from mechvlm.processing import InputBuilder
+    from mechvlm.toy.benchmark import SHIPPED_TSV
+    from mechvlm.toy.checkpoint import SHIPPED
+
+    model = HookedVLM.from_pretrained(str(SHIPPED["qwen2_5_vl"]))
+    builder = InputBuilder.from_pretrained(SHIPPED["qwen2_5_vl"])
+    items = load_mmbench(SHIPPED_TSV)[:6]
+    names = ["none", "text→image:pre_softmax_mask", "text→EOI:post_softmax_zero"]
+    kw = dict(batch_size=2, max_new_tokens=2, progress=False)
+    ref = evaluate(model, builder, items, names, **kw)  # no journal, uninterrupted
+
+    header = {"run": "partial"}
+    put, writes = JournalTask.put, []
+
+    def dying_put(self, unit, fp, result):  # killed after the 1st condition of batch 1 is written
+        if len(writes) == len(names) + 1:
+            raise _Killed
+        writes.append((self.name, unit))
+        put(self, unit, fp, result)
+
+    monkeypatch.setattr(JournalTask, "put", dying_put)
+    with Journal.open(tmp_path, header, resume=False) as j, pytest.raises(_Killed):
+        evaluate(model, builder, items, names, journal=j, **kw)
+    monkeypatch.setattr(JournalTask, "put", put)
+    assert writes == [(f"knockout/{n}", 0) for n in names] + [(f"knockout/{names[0]}", 1)]
+
+    runs = []
+    real = generate_conditions
+
+    def counted(model_, batch, *a, **k):
+        runs.append(batch["input_ids"].shape[0])
+        return real(model_, batch, *a, **k)
+
+    ev_module = importlib.import_module("mechvlm.mmbench.evaluate")  # the package re-exports a function of that name
+    monkeypatch.setattr(ev_module, "generate_conditions", counted)
+    with Journal.open(tmp_path, header, resume=True) as j:
+        got = evaluate(model, builder, items, names, journal=j, **kw)
+        reused, written = j.reused, j.written
+    assert len(runs) == 2  # batch 0 read back; batch 1 (partly journaled) and batch 2 computed
+    assert written == 2 * len(names) - 1  # batch 1's first condition was not appended again
+    assert reused == len(names)
+    for n in names:
+        assert got[n] == ref[n], n
+    lines = [json.loads(x) for path in sorted(tmp_path.glob("**/*.jsonl")) for x in path.read_text().splitlines()]
+    counts = collections.Counter((r["task"], r["unit"], r["row"]) for r in lines if "task" in r)
+    assert set(counts.values()) == {1}  # no item written twice
+    assert len(counts) == len(names) * len(items)

@@ -94,12 +94,13 @@ class ConditionJournals:
         self.tasks = dict(tasks)
 
     def get(self, unit: int, fingerprint: str):
-        got = {name: task.get(unit, fingerprint) for name, task in self.tasks.items()}
-        return None if any(v is None for v in got.values()) else got
+        if not all([task.has(unit, fingerprint) for task in self.tasks.values()]):
+            return None  # computed again; put appends only what is missing
+        return {name: task.get(unit, fingerprint) for name, task in self.tasks.items()}
 
     def put(self, unit: int, fingerprint: str, result: Mapping) -> None:
         for name, task in self.tasks.items():
-            if task.get(unit, fingerprint) is None:
+            if not task.has(unit, fingerprint):
                 task.put(unit, fingerprint, result[name])
 
 
