@@ -202,3 +202,21 @@ def test_gemma_conditions_equal_condition_by_condition():
     got = attention_share_conditions(narrow, apart, two, progress=False, query="real", keys=KEYS)
     _assert_same(got, _reference(narrow, apart, two, query="real", keys=KEYS))
     assert "sliding window" in next(iter(got.fallback["none"]))
+
+
+# ------------------------------------------------------------------------ LLaVA --
+def test_llava_onevision_rows_share_the_prefix():
+    """Anyres tiles (image_sizes, images per row) re-laid and stacked along the batch."""
+    from llava_helpers import llava_batch, make_hf_llava
+
+    from mechvlm import HookedVLM
+
+    hf = make_hf_llava("llava_onevision")
+    model = HookedVLM.from_hf(hf)
+    batch = llava_batch(hf, [[3, "image", 2], [4, "image", "image", 1]], [(50, 70), (20, 40), (40, 20)], seed=1,
+                        per_row_images=True)
+    conds = {k: CONDITIONS[k] for k in ("none", "text→image:pre_softmax_mask", "text→image:post_softmax_zero")}
+    kw = dict(query="real", keys=("image", "prefix", "text"))
+    got = attention_share_conditions(model, batch, conds, progress=False, **kw)
+    _assert_same(got, _reference(model, batch, conds, **kw))
+    assert got.stacked_batches == {k: 1 for k in conds}
