@@ -18,6 +18,7 @@ from mechvlm.interventions._common import pattern_query_range
 from mechvlm.kv_cache import VLMKeyValueCache
 from mechvlm.metrics import QueryAttention, attention_share, attention_share_conditions
 from mechvlm.mmbench import CONDITIONS, Condition
+from mechvlm.mmbench.conditions import condition_by_name
 from test_prefix_sharing import QWEN_ROWS, _gemma, _gemma_batch, _present
 
 TOL = 1e-5
@@ -27,7 +28,14 @@ KEYS = ("image", "eoi", "prefix", "text")
 
 def _reference(model, batches, conditions, **kw):
     """Today's path: each condition on its own, `attention_share` over the whole prompt."""
-    return {name: attention_share(model, batches, fwd_hooks=c, progress=False, **kw) for name, c in conditions.items()}
+    out = {}
+    for name, c in conditions.items():
+        if isinstance(c, Condition) and c.prepare is not None:  # a step that may rewrite the batch
+            batch, c = c.setup(model, batches)
+            out[name] = attention_share(model, batch, fwd_hooks=c, progress=False, **kw)
+        else:
+            out[name] = attention_share(model, batches, fwd_hooks=c, progress=False, **kw)
+    return out
 
 
 def _assert_same(got, ref):
@@ -152,7 +160,8 @@ def test_qwen_user_hooks_fall_back_and_declared_ones_share(qwen_model):
                   "declared_ko": Condition("declared_ko", "custom", hooks=lambda b, r: ko(b, r),
                                            touches=lambda r: knockout_reach(r, "text", "image")),
                   "pattern_edit": Condition("pattern_edit", "custom", hooks=halve_text_rows,
-                                            touches=lambda r: knockout_reach(r, "text", "image"))}
+                                            touches=lambda r: knockout_reach(r, "text", "image")),
+                  "prune": condition_by_name("prune:dead:threshold=2")}  # a prepare step: removes image tokens
     kw = dict(query="real", keys=KEYS)
     ref = _reference(qwen_model, batch, conditions, **kw)
     got = attention_share_conditions(qwen_model, batch, conditions, progress=False, **kw)
@@ -160,7 +169,7 @@ def test_qwen_user_hooks_fall_back_and_declared_ones_share(qwen_model):
     assert {k for k, v in got.shared_batches.items() if v} == {"none", "ko", "declared_ko", "pattern_edit"}
     assert {k for k, v in got.stacked_batches.items() if v} == {"none", "ko"}
     assert "does not declare" in next(iter(got.fallback["undeclared"]))
-    assert set(got.fallback["user"]) and not got.fallback["pattern_edit"]
+    assert set(got.fallback["user"]) and set(got.fallback["prune"]) and not got.fallback["pattern_edit"]
     for name in ("user", "pattern_edit"):  # the hooks did act
         assert (got[name].raw - got["none"].raw).abs().max() > 1e-2, name
 
@@ -181,6 +190,8 @@ def test_sharing_off_and_the_journal(qwen_model, tmp_path):
         assert j.reused == 2 and j.written == 0
     for name in two:
         assert torch.equal(again[name].raw, first[name].raw)
+    with Journal.open(tmp_path, header, resume=True) as j, pytest.raises(ValueError, match="start again"):
+        attention_share_conditions(qwen_model, batches, ["none"], progress=False, journal=j.task("share"))
     assert again.to_dict()["shared_batches"] == first.to_dict()["shared_batches"] == {k: 2 for k in two}
     _assert_same(first, _reference(qwen_model, batches, two))
 

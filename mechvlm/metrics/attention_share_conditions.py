@@ -76,19 +76,20 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
                           layers: list[int], *, share_prefix: bool = True, stack: bool = True,
                           query_chunk: int | None = None) -> dict:
     """One batch under every condition: ``{"raw": {name: [batch, layer, head, key]},
-    "n_queries": [batch], "shared": [...], "stacked": [...], "fallback": {name: reason}}``."""
+    "n_queries": {name: [batch]}, "shared": [...], "stacked": [...], "fallback": {name: reason}}``
+    (a condition with a ``prepare`` step may change the batch, hence its own query count)."""
     from mechvlm.kv_cache import VLMKeyValueCache
     from mechvlm.prefix_sharing import (PER_TOKEN_INPUTS, StackedKnockouts, _setup, _stack_batch, _stackable,
                                         plan_conditions, split_batch)
 
     plan = plan_conditions(model, batch, conditions, share_prefix=share_prefix, max_new_tokens=0)
     raw: dict[str, Tensor] = {}
-    n_queries = None
+    n_queries: dict[str, Tensor] = {}
     for name in conditions:
         if name not in plan.shared:
             run_batch, hooks = _setup(conditions[name], model, batch)
             part = share_of_batch(model, run_batch, query, keys, layers, hooks, query_chunk)
-            raw[name], n_queries = part["raw"], part["n_queries"]
+            raw[name], n_queries[name] = part["raw"], part["n_queries"]
     stacked: list[str] = []
     if plan.shared:
         pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
@@ -96,7 +97,7 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
         roles = model.roles(**relaid)
         qmask = resolve(roles, query)
         kmask = torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32)
-        n_queries = qmask.sum(-1).cpu()
+        n_queries.update(dict.fromkeys(plan.shared, qmask.sum(-1).cpu()))
         rows = batch["input_ids"].shape[0]
         # the prefix: its query rows are the same under every condition (causal, untouched)
         prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
@@ -127,7 +128,8 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
                                 query_chunk=query_chunk, kv_cache=cache)
             _run(model, rest, hooks, qa, cache)
             raw[name] = shared_part + _part(qa, layers)
-    return {"raw": {k: raw[k] for k in conditions}, "n_queries": n_queries, "shared": list(plan.shared),
+    return {"raw": {k: raw[k] for k in conditions}, "n_queries": {k: n_queries[k] for k in conditions},
+            "shared": list(plan.shared),
             "stacked": stacked, "fallback": dict(plan.fallback)}
 
 
@@ -181,9 +183,14 @@ def attention_share_conditions(
     with torch.no_grad():
         parts = map_batches(one_batch, batches, progress=progress, desc="attention_share_conditions",
                             journal=journal)
+    for i, p in enumerate(parts):  # a journal's unit recorded for other conditions or layers
+        if list(p["raw"]) != list(conds) or any(r.shape[1] != len(layer_list) for r in p["raw"].values()):
+            raise ValueError(f"batch {i}: the journal holds conditions {list(p['raw'])} and other layers or "
+                             f"conditions than this run's {list(conds)}, layers {layer_list}; start again "
+                             "without resume (or with another journal)")
     key_names = [selection_label(k, i) for i, k in enumerate(keys)]
-    n_queries = torch.cat([p["n_queries"] for p in parts])
-    results = {name: AttentionShareResult.from_raw(torch.cat([p["raw"][name] for p in parts]), n_queries,
+    results = {name: AttentionShareResult.from_raw(torch.cat([p["raw"][name] for p in parts]),
+                                                   torch.cat([p["n_queries"][name] for p in parts]),
                                                    layer_list, key_names, selection_label(query))
                for name in conds}
     out = ConditionsAttentionShare(results, n_batches=len(parts))
