@@ -135,12 +135,13 @@ def metric_contenders(spec, hf, model, batch_size: int, dtype, device):
             "share_one": one, "share_one_aa": one}
 
 
-def metric_cell(fns: dict, batch: int, reps: int, device, quick: bool) -> dict:
-    """One metrics cell: correctness (max |raw| difference, shared vs apart), then timing."""
+def metric_cell(fns: dict, batch: int, reps: int, device, quick: bool, layout: dict) -> dict:
+    """One metrics cell: correctness (max |raw| difference, shared vs apart), then timing;
+    ``layout``: the batch's prompt / shared columns (the prompt-token floor)."""
     shared, apart = fns["share_five_shared"](), fns["share_five_apart"]()
     diff = max(float((shared[k].raw - apart[k].raw).abs().max()) for k in apart.results)
     wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, reps, 1, device, collect=not quick)
-    return {"batch": batch, "wall_ms": wall, "cpu_ms": cpu, "max_raw_diff": diff,
+    return {"batch": batch, "wall_ms": wall, "cpu_ms": cpu, "max_raw_diff": diff, "layout": layout,
             "shared_batches": sum(shared.shared_batches.values()),
             "ratios": {f"{a}/{b}": paired_ratios(wall[a], wall[b]) for a, b in METRIC_PAIRS},
             "cpu_ratios": {f"{a}/{b}": paired_ratios(cpu[a], cpu[b]) for a, b in METRIC_PAIRS}}
@@ -164,6 +165,12 @@ def _metric_lines(cells: list) -> list:
             lines.append(f"| {cell['batch']} | | | {key} | {_fmt(cell['ratios'].get(key))} | "
                          f"{_fmt(cell['cpu_ratios'].get(key))} |")
         lines.append(f"| {cell['batch']} | same raw | | {cell['max_raw_diff']:.1e} | | |")
+    lines.append("")
+    for cell in cells:  # the prompt columns each contender runs, if every column cost the same
+        lay = cell["layout"]
+        lines.append(f"- batch {cell['batch']}: prompt-token floor share_five_shared/share_one {lay['floor']:.3f}, "
+                     f"share_five_shared/share_five_apart {lay['floor'] / lay['conditions']:.3f} "
+                     f"({lay['shared_columns']} shared of {lay['prompt']} columns)")
     return lines
 
 
@@ -307,7 +314,7 @@ def main(argv=None) -> dict:
             print(f"[batch {batch}: attention_share under the five conditions]", flush=True)
             result.setdefault("metric_cells", []).append(
                 metric_cell(metric_contenders(spec, hf, model, batch, dtype, device), batch, args.reps, device,
-                            args.quick))
+                            args.quick, layout))
             save_result(args.json, result, not args.no_write)
         del hf, model
         if args.report_reps:
