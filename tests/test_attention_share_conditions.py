@@ -125,6 +125,21 @@ def test_qwen_table1_conditions_equal_condition_by_condition(qwen_model):
     assert (ref["none"].raw[..., image] - cut).min() > -TOL and (ref["none"].raw[..., image] - cut).max() > 0.1
 
 
+def test_no_layer_materialises_its_pattern(qwen_model, monkeypatch):
+    """The Table-1 conditions stream: no layer runs the explicit (pattern) attention, in the
+    shared prefill, the stacked rest, or a forked one."""
+    from mechvlm.components.attention import Attention
+
+    def explicit(*a, **k):
+        raise AssertionError("a layer materialised its attention pattern")
+
+    monkeypatch.setattr(Attention, "_explicit", explicit)
+    batch = _present(qwen_batch(QWEN_ROWS, seed=2))
+    for stack in (True, False):
+        got = attention_share_conditions(qwen_model, batch, None, progress=False, stack=stack)
+        assert got.shared_batches == {k: 1 for k in CONDITIONS}
+
+
 def test_qwen_text_queries_and_a_layer_subset(qwen_model):
     """The Table-1 reading (text queries, image vs EOI) on layers 0 and 2 only."""
     batch = _present(qwen_batch(QWEN_ROWS, seed=2))
@@ -231,3 +246,32 @@ def test_llava_onevision_rows_share_the_prefix():
     got = attention_share_conditions(model, batch, conds, progress=False, **kw)
     _assert_same(got, _reference(model, batch, conds, **kw))
     assert got.stacked_batches == {k: 1 for k in conds}
+
+
+def test_videos_and_a_registering_model_run_each_condition_on_its_own(qwen_model):
+    """The fallbacks of `generate_conditions`: a batch with videos (its text positions do not
+    continue from the video's largest one) and a model whose forward is wrapped."""
+    from test_qwen_video import video_batch
+
+    from mechvlm.training import Registering, apply_registering
+    from mechvlm.training.registers import set_registering
+
+    two = {k: CONDITIONS[k] for k in ("none", "text→image:pre_softmax_mask")}
+    video = video_batch([[2, ("video", 2, 4, 4), 3], [4, ("video", 2, 4, 4), 1]], seed=9, seconds=[0.5, 1.0])
+    got = attention_share_conditions(qwen_model, video, two, progress=False, query="real", keys=KEYS)
+    _assert_same(got, _reference(qwen_model, video, two, query="real", keys=KEYS))
+    assert "videos" in next(iter(got.fallback["none"]))
+    batch = _present(qwen_batch(QWEN_ROWS[:2], seed=6))
+    set_registering(qwen_model, None, Registering.parse("eoi"))
+    try:
+        handle = apply_registering(qwen_model)
+        try:
+            ref = _reference(qwen_model, batch, two, query="real", keys=KEYS)
+            got = attention_share_conditions(qwen_model, batch, two, progress=False, query="real", keys=KEYS)
+        finally:
+            handle.remove()
+    finally:
+        set_registering(qwen_model, None, Registering())
+        qwen_model.cfg.registering = None
+    _assert_same(got, ref)
+    assert "wrapped" in next(iter(got.fallback["none"])) and not any(got.shared_batches.values())
