@@ -102,10 +102,14 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
         # the prefix: its query rows are the same under every condition (causal, untouched)
         prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
         cache = VLMKeyValueCache.init_cache(model.cfg, model.device, rows)
-        qa = QueryAttention(model, layers, qmask[:, :width], key_role_reduce(kmask[:, :, :width]),
-                            query_chunk=query_chunk, kv_cache=cache)
-        _run(model, prefix, [], qa, cache)
-        shared_part = _part(qa, layers)
+        if bool(qmask[:, :width].any()):
+            qa = QueryAttention(model, layers, qmask[:, :width], key_role_reduce(kmask[:, :, :width]),
+                                query_chunk=query_chunk, kv_cache=cache)
+            _run(model, prefix, [], qa, cache)
+            shared_part = _part(qa, layers)
+        else:  # no query inside the prefix (text queries): a plain prefill, SDPA's causal path
+            model(**prefix, past_kv_cache=cache, return_type=None)
+            shared_part = torch.zeros(rows, len(layers), model.cfg.n_heads, kmask.shape[0])
         rest = {k: relaid[k][:, width:] for k in ("input_ids", "attention_mask")}
         stacked = [k for k in plan.shared if _stackable(conditions[k])] if stack else []
         stacked = stacked if len(stacked) >= 2 else []
