@@ -18,6 +18,14 @@ stop token, ``--new-tokens`` new tokens per row:
 and ``mechvlm report`` on both shipped toys, before (``share_prefix=False``) and after.
 five_apart and hf_five are timed at the first ``--batches`` size only (they take five times
 as long); at every size five_apart runs once, untimed, for the correctness column.
+A metrics cell per batch size (the streaming ``attention_share``, text -> image / EOI, every
+layer), on the same weights and prompts:
+    share_five_shared  `attention_share_conditions` over the five conditions: the prefix
+                       prefilled once, the rest of the prompt under the five side by side
+    share_five_apart   the same five, each on its own (``share_prefix=False``: ``attention_share``
+                       with the condition's hooks over the whole prompt, the path before)
+    share_one          one condition on its own (text->image pre_softmax_mask)
+    share_one_aa       the same again: the A/A control
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/conditions.py            # default: a short run
     .venv/bin/python benchmarks/conditions.py --quick --no-write          # tiny model: a smoke test
@@ -67,6 +75,8 @@ ONE = "text→image:pre_softmax_mask"
 PAIRS = [("five_shared", "one"), ("five_shared", "five_apart"), ("five_shared", "hf_five"),
          ("five_apart", "one"), ("one_aa", "one")]
 TARGET = ("five_shared", "one", 1.6)
+METRIC_PAIRS = [("share_five_shared", "share_one"), ("share_five_shared", "share_five_apart"),
+                ("share_five_apart", "share_one"), ("share_one_aa", "share_one")]
 
 
 def contenders(spec, hf, model, batch_size: int, new: int, dtype, device, apart: bool = True):
@@ -106,6 +116,62 @@ def contenders(spec, hf, model, batch_size: int, new: int, dtype, device, apart:
     checks = {"hf_none": lambda: hf.generate(**kw, **gen), "hf_image": lambda: hf_image.generate(**kw, **gen),
               "five_apart": functools.partial(five, False)}
     return fns, checks, inp.n_tokens, layout
+
+
+def metric_contenders(spec, hf, model, batch_size: int, dtype, device):
+    """``attention_share`` under the five conditions, shared / apart, and one condition alone."""
+    from mechvlm.metrics import attention_share, attention_share_conditions
+    from mechvlm.mmbench.conditions import CONDITIONS
+
+    mech = P.make_inputs(spec.with_(batch=batch_size), hf.config, dtype, device).mech
+
+    def five(share):
+        return attention_share_conditions(model, mech, None, progress=False, share_prefix=share)
+
+    def one():
+        return attention_share(model, mech, fwd_hooks=CONDITIONS[ONE], progress=False)
+
+    return {"share_five_shared": functools.partial(five, True), "share_five_apart": functools.partial(five, False),
+            "share_one": one, "share_one_aa": one}
+
+
+def metric_cell(fns: dict, batch: int, reps: int, device, quick: bool, layout: dict) -> dict:
+    """One metrics cell: correctness (max |raw| difference, shared vs apart), then timing;
+    ``layout``: the batch's prompt / shared columns (the prompt-token floor)."""
+    shared, apart = fns["share_five_shared"](), fns["share_five_apart"]()
+    diff = max(float((shared[k].raw - apart[k].raw).abs().max()) for k in apart.results)
+    wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, reps, 1, device, collect=not quick)
+    return {"batch": batch, "wall_ms": wall, "cpu_ms": cpu, "max_raw_diff": diff, "layout": layout,
+            "shared_batches": sum(shared.shared_batches.values()),
+            "ratios": {f"{a}/{b}": paired_ratios(wall[a], wall[b]) for a, b in METRIC_PAIRS},
+            "cpu_ratios": {f"{a}/{b}": paired_ratios(cpu[a], cpu[b]) for a, b in METRIC_PAIRS}}
+
+
+def _metric_lines(cells: list) -> list:
+    if not cells:
+        return []
+    lines = ["", "Metrics: `attention_share` (text -> image / EOI, every layer) under the five conditions. "
+             "share_five_shared = `attention_share_conditions` (prefix prefilled once, the rest of the prompt "
+             "under the five side by side); share_five_apart = each condition's own `attention_share` over "
+             "the whole prompt; share_one = one knockout condition. Same raw = largest |raw mass| difference, "
+             "shared vs apart.", "",
+             "| batch | contender | ms median (min-max) | ratio | wall, paired | CPU time, paired |",
+             "|---|---|---|---|---|---|"]
+    for cell in cells:
+        for name, w in cell["wall_ms"].items():
+            lines.append(f"| {cell['batch']} | {name} | {statistics.median(w):.0f} ({min(w):.0f}-{max(w):.0f}) | | | |")
+        for a, b in METRIC_PAIRS:
+            key = f"{a}/{b}"
+            lines.append(f"| {cell['batch']} | | | {key} | {_fmt(cell['ratios'].get(key))} | "
+                         f"{_fmt(cell['cpu_ratios'].get(key))} |")
+        lines.append(f"| {cell['batch']} | same raw | | {cell['max_raw_diff']:.1e} | | |")
+    lines.append("")
+    for cell in cells:  # the prompt columns each contender runs, if every column cost the same
+        lay = cell["layout"]
+        lines.append(f"- batch {cell['batch']}: prompt-token floor share_five_shared/share_one {lay['floor']:.3f}, "
+                     f"share_five_shared/share_five_apart {lay['floor'] / lay['conditions']:.3f} "
+                     f"({lay['shared_columns']} shared of {lay['prompt']} columns)")
+    return lines
 
 
 @contextlib.contextmanager
@@ -175,6 +241,7 @@ def markdown(result: dict) -> str:
                      f"{'met' if t['met'] else '**missed**'}; prompt-token floor {lay['floor']:.3f} ("
                      f"{lay['shared_columns']} shared + {lay['conditions']} x {lay['prompt'] - lay['shared_columns']} "
                      f"over {lay['prompt']} columns)")
+    lines += _metric_lines(result.get("metric_cells", []))
     rep = result.get("report")
     if rep:
         b, a = rep["wall_ms"]["report_before"], rep["wall_ms"]["report_after"]
@@ -244,6 +311,11 @@ def main(argv=None) -> dict:
                                           "cpu_value": cell["cpu_ratios"]["five_shared/one"]["median_of_paired_ratios"],
                                           "met": v <= TARGET[2]})
                 save_result(args.json, result, not args.no_write)
+            print(f"[batch {batch}: attention_share under the five conditions]", flush=True)
+            result.setdefault("metric_cells", []).append(
+                metric_cell(metric_contenders(spec, hf, model, batch, dtype, device), batch, args.reps, device,
+                            args.quick, layout))
+            save_result(args.json, result, not args.no_write)
         del hf, model
         if args.report_reps:
             with tempfile.TemporaryDirectory() as tmp:

@@ -240,6 +240,37 @@ def _setup(condition, model, batch):
     return setup(model, batch) if callable(setup) else (batch, condition)
 
 
+def plan_conditions(model, batch: Mapping, conditions: Mapping[str, object], *, share_prefix: bool = True,
+                    max_new_tokens: int = 1) -> PrefixPlan:
+    """The `PrefixPlan` of one batch under ``conditions`` (see `generate_conditions`), with
+    the cases where nothing is shared: sharing off, a single condition, a wrapped
+    ``forward``, videos, other per-token inputs. ``max_new_tokens``: the tokens run after
+    the prompt (0 for a metric over the prompt only; the sliding-window check)."""
+    names = list(conditions)
+    if share_prefix and len(names) > 1 and "forward" in vars(model):
+        # an installed wrapper of forward (a Registering model's mask, `apply_registering`) builds
+        # its edits from the prompt a cache was filled with: run each condition on its own
+        plan = PrefixPlan(None, [], {k: "the model's forward is wrapped (e.g. an installed Registering mask)"
+                                     for k in names})
+    elif share_prefix and len(names) > 1 and batch.get("video_grid_thw") is not None:
+        # Qwen2.5-VL's text after a video starts below the video's largest (time-scaled)
+        # position, and a KV-cache continuation starts above it
+        plan = PrefixPlan(None, [], {k: "the batch holds videos (text positions after a video do not continue "
+                                        "from its largest position)" for k in names})
+    elif share_prefix and len(names) > 1:
+        roles = model.roles(**batch)
+        extra = [k for k, v in batch.items() if k not in PER_TOKEN_INPUTS and isinstance(v, Tensor)
+                 and v.ndim >= 2 and tuple(v.shape[:2]) == tuple(roles.shape)]
+        touched = {k: (None if extra else _touched(c, roles)) for k, c in conditions.items()}
+        plan = plan_shared_prefix(roles, touched, sliding_window=model.cfg.sliding_window,
+                                  max_new_tokens=max_new_tokens)
+        if extra:
+            plan.fallback = {k: f"the batch has other per-token inputs {extra}" for k in names}
+    else:
+        plan = PrefixPlan(None, [], {k: "prefix sharing off" for k in names})
+    return plan
+
+
 @torch.no_grad()
 def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object], max_new_tokens: int,
                         eos_token_ids: Iterable[int] | int, *, pad_token_id: int | None = None,
@@ -266,27 +297,7 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
         rounding), in the same layout.
     """
     names = list(conditions)
-    if share_prefix and len(names) > 1 and "forward" in vars(model):
-        # an installed wrapper of forward (a Registering model's mask, `apply_registering`) builds
-        # its edits from the prompt a cache was filled with: run each condition on its own
-        plan = PrefixPlan(None, [], {k: "the model's forward is wrapped (e.g. an installed Registering mask)"
-                                     for k in names})
-    elif share_prefix and len(names) > 1 and batch.get("video_grid_thw") is not None:
-        # Qwen2.5-VL's text after a video starts below the video's largest (time-scaled)
-        # position, and a KV-cache continuation starts above it
-        plan = PrefixPlan(None, [], {k: "the batch holds videos (text positions after a video do not continue "
-                                        "from its largest position)" for k in names})
-    elif share_prefix and len(names) > 1:
-        roles = model.roles(**batch)
-        extra = [k for k, v in batch.items() if k not in PER_TOKEN_INPUTS and isinstance(v, Tensor)
-                 and v.ndim >= 2 and tuple(v.shape[:2]) == tuple(roles.shape)]
-        touched = {k: (None if extra else _touched(c, roles)) for k, c in conditions.items()}
-        plan = plan_shared_prefix(roles, touched, sliding_window=model.cfg.sliding_window,
-                                  max_new_tokens=max_new_tokens)
-        if extra:
-            plan.fallback = {k: f"the batch has other per-token inputs {extra}" for k in names}
-    else:
-        plan = PrefixPlan(None, [], {k: "prefix sharing off" for k in names})
+    plan = plan_conditions(model, batch, conditions, share_prefix=share_prefix, max_new_tokens=max_new_tokens)
     out: dict[str, Generation] = {}
     for name in names:
         if name not in plan.shared:

@@ -81,13 +81,19 @@ class QueryAttention:
         other_hooks: the user's hooks of the same run (decides streaming vs pattern layers).
         query_chunk: query rows per chunk (default: see `chunk_rows`, the MLP activation
             budget).
+        kv_cache: the `mechvlm.kv_cache.VLMKeyValueCache` the forward runs with (a prefill
+            into it, or a continuation over it). A continuation holds only the new positions:
+            ``query_mask`` then covers those (``[batch, new_pos]``), ``hook_rot_k`` sees only the
+            new keys, so the earlier keys are read from the cache entry; ``mass`` covers every
+            key (``cached + new_pos``). Post-softmax cuts and ``hook_pattern`` already see
+            ``[batch, head, new_pos, cached + new_pos]`` (the queries are the last ones).
 
-    Use: ``run_with_hooks(fwd_hooks=other_hooks + qa.hooks())``.
+    Use: ``run_with_hooks(fwd_hooks=other_hooks + qa.hooks())`` (plus ``past_kv_cache=kv_cache``).
     """
 
     def __init__(self, model, layers: list[int], query_mask: Bool[Tensor, "batch pos"],
                  reduce: Callable[[int, Tensor], Tensor], other_hooks: Hooks = (),
-                 query_chunk: int | None = None):
+                 query_chunk: int | None = None, kv_cache=None):
         if query_chunk is not None and (isinstance(query_chunk, bool) or int(query_chunk) != query_chunk
                                         or query_chunk < 1):
             raise ValueError(f"query_chunk must be a positive number of query rows (or None), got {query_chunk!r}")
@@ -100,7 +106,9 @@ class QueryAttention:
         self.qsel: Float[Tensor, "batch query"] = query_mask[:, self.qpos].float()
         # on each layer's device, moved once per device (a model placed over devices)
         self._qpos, self._qsel = OnDevice(self.qpos), OnDevice(self.qsel)
-        self.chunk = query_chunk or chunk_rows(model, b * n, b * model.cfg.n_heads * n)
+        self.kv_cache, self.n_pos = kv_cache, n
+        n_keys = n + (kv_cache.length if kv_cache is not None else 0)
+        self.chunk = query_chunk or chunk_rows(model, b * n, b * model.cfg.n_heads * n_keys)
         self.pattern_layers = {l for l in self.layers if reads_pattern(model, l, list(other_hooks))}
         self.results: dict[int, Tensor] = {}
         self._q: dict[int, Tensor] = {}
@@ -130,7 +138,8 @@ class QueryAttention:
         attn = self.model.blocks[layer].attn
 
         def on_mask(allowed: Tensor, hook) -> None:
-            q, k = self._q.pop(layer), self._k.pop(layer)
+            self._check_queries(allowed, hook)
+            q, k = self._q.pop(layer), self._all_keys(layer, self._k.pop(layer), allowed.shape[-1], hook)
             cut = None  # post-softmax knockouts of this layer, applied without a pattern
             for c in attn.post_softmax_cuts() or ():
                 part = c.cut(allowed.shape[0], attn.n_heads, allowed.shape[2], allowed.shape[3], allowed.device,
@@ -150,6 +159,7 @@ class QueryAttention:
 
     def _pattern_hook(self, layer: int):
         def on_pattern(pattern: Tensor, hook) -> None:
+            self._check_queries(pattern, hook)
             qpos = self._qpos.get(pattern.device)
             mass = None
             for s in range(0, len(qpos), self.chunk):
@@ -158,6 +168,22 @@ class QueryAttention:
             self._finish(layer, mass, pattern.shape[0], pattern.shape[-1], pattern.device)
 
         return on_pattern
+
+    def _check_queries(self, act: Tensor, hook) -> None:
+        if act.shape[2] != self.n_pos or act.shape[0] != self.qsel.shape[0]:
+            raise ValueError(f"QueryAttention: the query mask is [batch, pos] = {(self.qsel.shape[0], self.n_pos)} "
+                             f"but the forward at '{hook.name}' has {act.shape[0]} rows and {act.shape[2]} query "
+                             "positions (over a KV cache, give the mask over the new positions)")
+
+    def _all_keys(self, layer: int, new: Tensor, n_keys: int, hook) -> Float[Tensor, "batch key kv_head d_head"]:
+        """Every key the layer attends: ``new`` (``hook_rot_k``'s) after the cached ones."""
+        if new.shape[1] == n_keys:
+            return new
+        if self.kv_cache is None:
+            raise ValueError(f"QueryAttention: '{hook.name}' has {n_keys} keys but hook_rot_k saw {new.shape[1]}: "
+                             "a forward over a KV cache; pass kv_cache= (the cache holds the earlier keys)")
+        old = self.kv_cache[layer].past_keys[:, :n_keys - new.shape[1]]  # the new ones may be appended already
+        return torch.cat([old.to(new.dtype), new], dim=1)
 
     def _add(self, mass: Tensor | None, rows: Float[Tensor, "batch head c key"], s: int, c: int) -> Tensor:
         # sum the chunk's rows, each weighted by whether it is a query of that batch row

@@ -81,6 +81,26 @@ class AttentionShareResult:
         return frame(rows)
 
 
+def key_role_reduce(kmask: Float[Tensor, "key batch pos"]):
+    """``reduce(layer, mass)`` for `QueryAttention`: the mass on each key role,
+    ``[batch, head, pos] -> [batch, head, key]`` (``kmask`` moved once per device)."""
+    on = OnDevice(kmask)
+    return lambda l, mass: torch.einsum("bhk,rbk->bhr", mass, on.get(mass.device))
+
+
+def share_of_batch(model, batch: Batch, query: Selection, keys: Sequence[Selection], layers: list[int],
+                   fwd_hooks: FwdHooks = None, query_chunk: int | None = None) -> dict:
+    """One forward of ``batch`` with ``fwd_hooks``: ``{"raw": [batch, layer, head, key],
+    "n_queries": [batch]}`` on the CPU (`attention_share`'s per-batch part)."""
+    roles = model.roles(**batch)
+    qmask = resolve(roles, query)
+    kmask = torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32)
+    hooks = user_hooks(fwd_hooks, batch, roles)
+    qa = QueryAttention(model, layers, qmask, key_role_reduce(kmask), other_hooks=hooks, query_chunk=query_chunk)
+    run_forward(model, batch, hooks + qa.hooks())
+    return {"raw": torch.stack([qa.results[l].cpu() for l in layers], dim=1), "n_queries": qmask.sum(-1).cpu()}
+
+
 def attention_share(
     model,
     batches: Batch | Iterable[Batch],
@@ -128,16 +148,7 @@ def attention_share(
         raise ValueError("attention_share needs at least one key role")
 
     def one_batch(batch: Batch) -> dict:
-        roles = model.roles(**batch)
-        qmask = resolve(roles, query)
-        kmask = OnDevice(torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32))
-        hooks = user_hooks(fwd_hooks, batch, roles)
-        qa = QueryAttention(model, layer_list, qmask,
-                            lambda l, mass: torch.einsum("bhk,rbk->bhr", mass, kmask.get(mass.device)),
-                            other_hooks=hooks, query_chunk=query_chunk)
-        run_forward(model, batch, hooks + qa.hooks())
-        return {"raw": torch.stack([qa.results[l].cpu() for l in layer_list], dim=1),
-                "n_queries": qmask.sum(-1).cpu()}
+        return share_of_batch(model, batch, query, keys, layer_list, fwd_hooks, query_chunk)
 
     with torch.no_grad():
         parts = map_batches(one_batch, batches, progress=progress, desc="attention_share", journal=journal)

@@ -98,3 +98,4 @@ from . import kv_probes as _kv_probes  # noqa: E402,F401
 from . import key_artifacts as _key_artifacts  # noqa: E402,F401
 from . import head_attribution as _head_attribution  # noqa: E402,F401
 from . import causal_tracing as _causal_tracing  # noqa: E402,F401
+from . import share_conditions as _share_conditions  # noqa: E402,F401
