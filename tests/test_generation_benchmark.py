@@ -69,3 +69,30 @@ def test_post_softmax_benchmark_quick(capsys):
                                     "device": "cpu", "threads": 1, "tools": ["post_softmax_zero"]}))
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("MEMORY ")]
     assert len(line) == 1 and json.loads(line[0][7:])["tool"] == "post_softmax_zero"
+
+
+def test_conditions_report_before_issue_21_runs_every_condition_on_its_own(monkeypatch):
+    """The conditions benchmark's report "before" contender really shares no prefix (evaluate
+    passes ``share_prefix`` itself), "after" does, and their Table 1 is the same."""
+    import tempfile
+
+    import mechvlm.prefix_sharing as prefix_sharing
+
+    bench = _import("conditions")
+    seen = []
+    real = prefix_sharing.plan_conditions
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        seen.append(bool(plan.shared))
+        return plan
+
+    monkeypatch.setattr(prefix_sharing, "plan_conditions", spy)
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = bench.report_contenders(2, tmp)
+        before = fns["report_before"]()
+        assert seen and not any(seen)
+        seen.clear()
+        after = fns["report_after"]()
+    assert seen and all(seen)
+    assert bench._tables(before) == bench._tables(after)

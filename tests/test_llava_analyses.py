@@ -187,12 +187,14 @@ def test_report_runs_on_a_local_checkpoint(checkpoints, family, tmp_path):
 
     out = tmp_path / "report"
     assert main(["report", "--model", str(checkpoints[family]), "--out", str(out), "--no-progress",
-                 "--limit", "2", "--batch-size", "2", "--analyses", "logit_lens"]) == 0
+                 "--limit", "2", "--batch-size", "2", "--analyses", "logit_lens,share_conditions"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["model_type"] == family and res["n_items"] == 2
     assert set(res["knockout"]) == {"none", "text→image:pre_softmax_mask", "text→image:post_softmax_zero"}
     assert set(res["skipped"]) == {"text→EOI:pre_softmax_mask", "text→EOI:post_softmax_zero"}
     assert res["attention_share"]["keys"] == ["image", "text"]
+    under = res["analyses"]["share_conditions"]["results"]  # the same conditions and keys as the report's
+    assert set(under) == set(res["knockout"]) and {r["keys"] == ["image", "text"] for r in under.values()} == {True}
     html = (out / "report.html").read_text()
     assert "not run: text→EOI:pre_softmax_mask" in html and html.count("data:image/png;base64,") >= 3
     assert "this model has no end-of-image token" in html
