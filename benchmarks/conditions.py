@@ -83,7 +83,7 @@ METRIC_PAIRS = [("share_five_shared", "share_one"), ("share_five_shared", "share
 def contenders(spec, hf, model, batch_size: int, new: int, dtype, device, apart: bool = True):
     from mechvlm.generation import greedy_generate
     from mechvlm.mmbench.conditions import CONDITIONS
-    from mechvlm.prefix_sharing import generate_conditions
+    from mechvlm.prefix_sharing import generate_conditions, plan_conditions
 
     inp = P.make_inputs(spec.with_(batch=batch_size), hf.config, dtype, device)
     mech, kw = inp.mech, {k: v for k, v in inp.hf.items() if k not in ("logits_to_keep", "use_cache")}
@@ -101,7 +101,7 @@ def contenders(spec, hf, model, batch_size: int, new: int, dtype, device, apart:
         return {k: g.sequences for k, g in generate_conditions(model, mech, CONDITIONS, new, NEVER,
                                                                share_prefix=share)[0].items()}
 
-    plan = generate_conditions(model, mech, CONDITIONS, 1, NEVER)[1]
+    plan = plan_conditions(model, mech, CONDITIONS, max_new_tokens=new)
     n, w, c = mech["input_ids"].shape[1], plan.shared_columns, len(CONDITIONS)
     layout = {"prompt": n, "shared_columns": w, "conditions": c, "floor": (w + c * (n - w)) / n}
 
@@ -213,8 +213,9 @@ def markdown(result: dict) -> str:
              f"Qwen2.5-VL-3B-shaped, {st['layers']} layers, {st['n_tokens']} prompt tokens ({st['image_tokens']} "
              f"image), {st['device']} {st['dtype']}, {m['torch_threads']} thread(s), {st['reps']} interleaved "
              f"rounds per cell; load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at "
-             f"end: **a short run on a machine shared with other jobs** (trust the paired ratios, not the "
-             f"absolute times); {m['date']}, mechvlm {m.get('mechvlm_git')}."
+             "end" + (": **a short run on a machine shared with other jobs** (trust the paired ratios, not the "
+                      "absolute times)" if max(m['loadavg_start'][0], m['loadavg_end'][0]) > 1.5 else
+                      " (no other job running)") + f"; {m['date']}, mechvlm {m.get('mechvlm_git')}."
              + (" **--quick: tiny model, not a result.**" if st["quick"] else ""), "",
              "five_shared = the five conditions of Table 1 with the prefix prefilled once and the five "
              "continued side by side along the batch from it (the KV cache rows repeated); five_apart = the five, each on its own; one = one knockout condition; "
@@ -275,6 +276,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--json", default=str(HERE / "conditions.json"))
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON, no RESULTS.md)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    ap.add_argument("--no-apart", action="store_true", help="time five_apart / hf_five at no batch size")
+    ap.add_argument("--no-checks", action="store_true",
+                    help="skip the untimed correctness runs (a deep model on a CPU; the default run checks the tokens)")
+    ap.add_argument("--no-metrics", action="store_true", help="skip the attention_share cell")
+    ap.add_argument("--section", default="conditions", help="the RESULTS.md section to write")
     ap.add_argument("--report-only", action="store_true",
                     help="time only the report before/after; the cells are read back from --json")
     args = ap.parse_args(argv)
@@ -301,14 +308,17 @@ def main(argv=None) -> dict:
         for batch in batches:
             for new in [int(x) for x in args.new_tokens.split(",")]:
                 fns, checks, n_tokens, layout = contenders(spec, hf, model, batch, new, dtype, device,
-                                                           apart=batch == batches[0])
+                                                           apart=batch == batches[0] and not args.no_apart)
                 result["setup"]["n_tokens"] = n_tokens
                 print(f"[batch {batch}, {new} new tokens, {n_tokens} prompt tokens]", flush=True)
-                shared, apart = fns["five_shared"](), checks["five_apart"]()
-                correct = {"shared == apart": all(torch.equal(shared[k], apart[k]) for k in apart),
-                           "none == hf": torch.equal(shared["none"].cpu(), checks["hf_none"]().cpu()),
-                           "text→image == hf": torch.equal(shared[ONE].cpu(), checks["hf_image"]().cpu())}
-                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.reps, 1, device,
+                if args.no_checks:
+                    correct = {"not checked (--no-checks)": None}
+                else:
+                    shared, apart = fns["five_shared"](), checks["five_apart"]()
+                    correct = {"shared == apart": all(torch.equal(shared[k], apart[k]) for k in apart),
+                               "none == hf": torch.equal(shared["none"].cpu(), checks["hf_none"]().cpu()),
+                               "text→image == hf": torch.equal(shared[ONE].cpu(), checks["hf_image"]().cpu())}
+                wall, cpu = time_interleaved({k: (k, fn) for k, fn in fns.items()}, args.reps, args.warmup, device,
                                              collect=not args.quick)
                 pairs = [(a, b) for a, b in PAIRS if a in wall and b in wall]
                 cell = {"batch": batch, "new": new, "wall_ms": wall, "cpu_ms": cpu, "correct": correct,
@@ -321,7 +331,7 @@ def main(argv=None) -> dict:
                                           "cpu_value": cell["cpu_ratios"]["five_shared/one"]["median_of_paired_ratios"],
                                           "met": v <= TARGET[2]})
                 save_result(args.json, result, not args.no_write)
-            if batch != batches[0]:  # the metrics cell at the first batch size only (its apart path is slow)
+            if batch != batches[0] or args.no_metrics:  # the metrics cell at the first batch size only
                 continue
             print(f"[batch {batch}: attention_share under the five conditions]", flush=True)
             result.setdefault("metric_cells", []).append(
@@ -342,7 +352,7 @@ def main(argv=None) -> dict:
     print("\n" + text)
     save_result(args.json, result, not args.no_write)
     if not args.no_write:
-        write_results_section(HERE / "RESULTS.md", "conditions", text)
+        write_results_section(HERE / "RESULTS.md", args.section, text)
     return result
 
 
