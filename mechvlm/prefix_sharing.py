@@ -174,7 +174,7 @@ def _in_batch_layout(gen: Generation, batch: Mapping) -> Generation:
                               if k not in ("input_ids", "attention_mask") and v is not None})
 
 
-def _stackable(condition) -> bool:
+def stackable(condition) -> bool:
     """A knockout `Condition` or one without intervention (no custom hooks, no prepare step):
     its hooks can be restricted to some rows of a batch (`StackedKnockouts`)."""
     return all(hasattr(condition, a) for a in ("key", "query", "mode")) and \
@@ -205,7 +205,7 @@ class StackedKnockouts:
         return hooks
 
 
-def _stack_batch(relaid: Mapping, n: int) -> dict:
+def stack_batch(relaid: Mapping, n: int) -> dict:
     """``relaid`` repeated ``n`` times along the batch (what a continuation and its roles need:
     the per-token inputs, and per image / video / row what locates the images; the pixels
     were encoded in the prefill)."""
@@ -235,7 +235,22 @@ def _touched(condition, roles) -> Tensor | None:
     return touched(roles) if callable(touched) else None
 
 
-def _setup(condition, model, batch):
+def split_prefix(model, batch: Mapping, plan: PrefixPlan) -> tuple[dict, dict, int]:
+    """``(relaid, prefix, width)``: the batch re-laid at the plan's boundary (`split_batch`),
+    its first ``width`` columns (what the shared prefill runs), and ``width``."""
+    pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
+    relaid, width = split_batch(batch, plan.boundary, pad)
+    prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
+    return relaid, prefix, width
+
+
+def stacked_conditions(plan: PrefixPlan, conditions: Mapping, stack: bool) -> list[str]:
+    """The shared conditions run side by side along the batch (`stackable` ones, at least two)."""
+    names = [k for k in plan.shared if stackable(conditions[k])] if stack else []
+    return names if len(names) >= 2 else []
+
+
+def condition_setup(condition, model, batch):
     setup = getattr(condition, "setup", None)
     return setup(model, batch) if callable(setup) else (batch, condition)
 
@@ -301,19 +316,15 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
     out: dict[str, Generation] = {}
     for name in names:
         if name not in plan.shared:
-            run_batch, hooks = _setup(conditions[name], model, batch)
+            run_batch, hooks = condition_setup(conditions[name], model, batch)
             out[name] = greedy_generate(model, run_batch, max_new_tokens, eos_token_ids, fwd_hooks=hooks,
                                         pad_token_id=pad_token_id, output_logits=output_logits)
     if plan.shared:
-        pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
-        relaid, width = split_batch(batch, plan.boundary, pad)
-        prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
+        relaid, prefix, _ = split_prefix(model, batch, plan)
         cache = VLMKeyValueCache.init_cache(model.cfg, model.device, batch["input_ids"].shape[0])
         model(**prefix, past_kv_cache=cache, return_type=None)
         rows = batch["input_ids"].shape[0]
-        plan.stacked = [k for k in plan.shared if _stackable(conditions[k])] if stack else []
-        if len(plan.stacked) < 2:
-            plan.stacked = []
+        plan.stacked = stacked_conditions(plan, conditions, stack)
         forked = [k for k in plan.shared if k not in plan.stacked]
         for i, name in enumerate(forked):
             fork = cache if i == len(forked) - 1 and not plan.stacked else cache.fork()
@@ -324,7 +335,7 @@ def generate_conditions(model, batch: Mapping, conditions: Mapping[str, object],
             n = len(plan.stacked)
             stacked = cache.select_rows(torch.arange(rows, device=cache.input_ids.device).repeat(n))
             del cache
-            gen = greedy_generate(model, _stack_batch(relaid, n), max_new_tokens, eos_token_ids,
+            gen = greedy_generate(model, stack_batch(relaid, n), max_new_tokens, eos_token_ids,
                                   fwd_hooks=StackedKnockouts([conditions[k] for k in plan.stacked], rows),
                                   pad_token_id=pad_token_id, output_logits=output_logits, past_kv_cache=stacked)
             for i, name in enumerate(plan.stacked):

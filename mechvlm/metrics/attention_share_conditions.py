@@ -79,28 +79,26 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
     "n_queries": {name: [batch]}, "shared": [...], "stacked": [...], "fallback": {name: reason}}``
     (a condition with a ``prepare`` step may change the batch, hence its own query count)."""
     from mechvlm.kv_cache import VLMKeyValueCache
-    from mechvlm.prefix_sharing import (PER_TOKEN_INPUTS, StackedKnockouts, _setup, _stack_batch, _stackable,
-                                        plan_conditions, split_batch)
+    from mechvlm.prefix_sharing import (StackedKnockouts, condition_setup, plan_conditions, split_prefix, stack_batch,
+                                        stacked_conditions)
 
     plan = plan_conditions(model, batch, conditions, share_prefix=share_prefix, max_new_tokens=0)
     raw: dict[str, Tensor] = {}
     n_queries: dict[str, Tensor] = {}
     for name in conditions:
         if name not in plan.shared:
-            run_batch, hooks = _setup(conditions[name], model, batch)
+            run_batch, hooks = condition_setup(conditions[name], model, batch)
             part = share_of_batch(model, run_batch, query, keys, layers, hooks, query_chunk)
             raw[name], n_queries[name] = part["raw"], part["n_queries"]
     stacked: list[str] = []
     if plan.shared:
-        pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else 0
-        relaid, width = split_batch(batch, plan.boundary, pad)
+        relaid, prefix, width = split_prefix(model, batch, plan)
         roles = model.roles(**relaid)
         qmask = resolve(roles, query)
         kmask = torch.stack([resolve(roles, k) for k in keys]).to(model.device, torch.float32)
         n_queries.update(dict.fromkeys(plan.shared, qmask.sum(-1).cpu()))
         rows = batch["input_ids"].shape[0]
         # the prefix: its query rows are the same under every condition (causal, untouched)
-        prefix = {k: (v[:, :width] if k in PER_TOKEN_INPUTS and v is not None else v) for k, v in relaid.items()}
         cache = VLMKeyValueCache.init_cache(model.cfg, model.device, rows)
         if bool(qmask[:, :width].any()):
             qa = QueryAttention(model, layers, qmask[:, :width], key_role_reduce(kmask[:, :, :width]),
@@ -111,14 +109,13 @@ def shared_share_of_batch(model, batch: Batch, conditions: Mapping, query: Selec
             model(**prefix, past_kv_cache=cache, return_type=None)
             shared_part = torch.zeros(rows, len(layers), model.cfg.n_heads, kmask.shape[0])
         rest = {k: relaid[k][:, width:] for k in ("input_ids", "attention_mask")}
-        stacked = [k for k in plan.shared if _stackable(conditions[k])] if stack else []
-        stacked = stacked if len(stacked) >= 2 else []
+        stacked = stacked_conditions(plan, conditions, stack)
         if stacked:
             n = len(stacked)
             stack_cache = cache.select_rows(torch.arange(rows, device=cache.input_ids.device).repeat(n))
-            stack_batch = _stack_batch(relaid, n)
-            hooks = user_hooks(StackedKnockouts([conditions[k] for k in stacked], rows), stack_batch,
-                               model.roles(**stack_batch))
+            stacked_batch = stack_batch(relaid, n)
+            hooks = user_hooks(StackedKnockouts([conditions[k] for k in stacked], rows), stacked_batch,
+                               model.roles(**stacked_batch))
             qa = QueryAttention(model, layers, qmask.repeat(n, 1)[:, width:], key_role_reduce(kmask.repeat(1, n, 1)),
                                 other_hooks=hooks, query_chunk=query_chunk, kv_cache=stack_cache)
             _run(model, {k: v.repeat(n, 1) for k, v in rest.items()}, hooks, qa, stack_cache)
